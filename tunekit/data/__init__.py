@@ -1,0 +1,42 @@
+"""Data: message transforms, datasets from files, packing, collate and the data check.
+
+Batches follow the Batch contract of docs/design.md: labels are already shifted and
+``CROSS_ENTROPY_IGNORE_INDEX`` (-100) marks positions without a loss.
+"""
+
+from tunekit.data.collate import block_causal_mask, packed_collate, padded_collate, preference_collate
+from tunekit.data.datasets import (
+    PreferenceDataset,
+    SFTDataset,
+    chat_dataset,
+    instruct_dataset,
+    preference_dataset,
+    split_indices,
+    text_completion_dataset,
+)
+from tunekit.data.errors import DataError
+from tunekit.data.labels import CROSS_ENTROPY_IGNORE_INDEX, shift_labels
+from tunekit.data.messages import (
+    AlpacaToMessages,
+    ChosenRejectedToMessages,
+    InputOutputToMessages,
+    Message,
+    OpenAIToMessages,
+    ShareGPTToMessages,
+    TextToDocument,
+    detect_format,
+    validate_messages,
+)
+from tunekit.data.packing import PackedDataset, greedy_pack, pack_dataset
+from tunekit.data.sources import load_rows
+
+__all__ = [
+    "CROSS_ENTROPY_IGNORE_INDEX", "DataError", "Message",
+    "AlpacaToMessages", "InputOutputToMessages", "ShareGPTToMessages", "OpenAIToMessages",
+    "ChosenRejectedToMessages", "TextToDocument", "detect_format", "validate_messages",
+    "load_rows", "split_indices", "shift_labels",
+    "SFTDataset", "PreferenceDataset", "PackedDataset",
+    "instruct_dataset", "chat_dataset", "text_completion_dataset", "preference_dataset",
+    "greedy_pack", "pack_dataset",
+    "padded_collate", "packed_collate", "preference_collate", "block_causal_mask",
+]

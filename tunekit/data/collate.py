@@ -1,0 +1,99 @@
+"""Collate functions: lists of examples -> batches following the Batch contract (docs/design.md).
+
+Unpacked rows are right-padded (``pad_id`` tokens, -100 labels) and need no mask (plain causal).
+Packed rows carry per-document ``input_pos`` and a block-causal ``mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from tunekit.data.labels import CROSS_ENTROPY_IGNORE_INDEX
+
+
+def _long(x: Any) -> torch.Tensor:
+    return x.long() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.long)
+
+
+def _pad_right(seqs: list[torch.Tensor], value: int, length: int) -> torch.Tensor:
+    out = pad_sequence(seqs, batch_first=True, padding_value=value)
+    if out.shape[1] < length:
+        out = torch.nn.functional.pad(out, (0, length - out.shape[1]), value=value)
+    return out
+
+
+def padded_collate(batch: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1
+                   ) -> dict[str, torch.Tensor]:
+    """Right-pad ``{"tokens", "labels"}`` examples to the longest one.
+
+    Returns ``tokens``/``labels``: LongTensor[b, s] (s rounded up to ``pad_to_multiple_of``).
+    """
+    tokens = [_long(ex["tokens"]) for ex in batch]
+    labels = [_long(ex["labels"]) for ex in batch]
+    longest = max(len(t) for t in tokens)
+    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    return {"tokens": _pad_right(tokens, pad_id, length),
+            "labels": _pad_right(labels, CROSS_ENTROPY_IGNORE_INDEX, length)}
+
+
+def preference_collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected examples in one padded batch: rows ``[:b]`` are the chosen responses,
+    rows ``[b:]`` the rejected ones (one forward pass serves both). Returns tokens/labels [2b, s]."""
+    chosen = [{"tokens": ex["chosen_tokens"], "labels": ex["chosen_labels"]} for ex in batch]
+    rejected = [{"tokens": ex["rejected_tokens"], "labels": ex["rejected_labels"]} for ex in batch]
+    return padded_collate(chosen + rejected, pad_id)
+
+
+def document_ids(seq_lens: Sequence[torch.Tensor], seq_len: int) -> torch.Tensor:
+    """Per-token document index of each packed row, padding counted as one more document.
+
+    seq_lens: b tensors of document lengths (each summing to <= seq_len). Returns LongTensor[b, s].
+    """
+    rows = []
+    for lens in seq_lens:
+        lens = _long(lens)
+        pad = seq_len - int(lens.sum())
+        if pad < 0:
+            raise ValueError(f"packed row holds {int(lens.sum())} tokens, more than seq_len={seq_len}")
+        if pad:
+            lens = torch.cat([lens, lens.new_tensor([pad])])
+        rows.append(torch.repeat_interleave(torch.arange(len(lens)), lens))
+    return torch.stack(rows)
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """BoolTensor[b, s, s]: query i may attend key j iff j <= i and both are in the same document."""
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril_()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """LongTensor[b, s]: position of each token inside its own document (restarts at 0)."""
+    b, s = doc_ids.shape
+    idx = torch.arange(s, device=doc_ids.device).expand(b, s)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.cummax(torch.where(is_start, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - start
+
+
+def packed_collate(batch: Sequence[dict[str, Any]], pad_id: int, seq_len: int
+                   ) -> dict[str, torch.Tensor]:
+    """Packed rows ``{"tokens", "labels", "seq_lens"}`` -> a fixed-length batch.
+
+    Returns tokens/labels/input_pos: LongTensor[b, seq_len] and mask: BoolTensor[b, seq_len,
+    seq_len]. Padding at the end of a row forms its own causal block (so no row of the mask is all
+    False) with positions restarting at 0; its labels are -100.
+    """
+    doc_ids = document_ids([ex["seq_lens"] for ex in batch], seq_len)
+    return {
+        "tokens": _pad_right([_long(ex["tokens"]) for ex in batch], pad_id, seq_len),
+        "labels": _pad_right([_long(ex["labels"]) for ex in batch], CROSS_ENTROPY_IGNORE_INDEX, seq_len),
+        "input_pos": document_positions(doc_ids),
+        "mask": block_causal_mask(doc_ids),
+    }

@@ -1,0 +1,263 @@
+"""Map-style datasets: row source + message transform + tokenizer -> ``{"tokens", "labels"}``.
+
+Rows are tokenized lazily on access (``dataset[i]``), so opening a large JSONL file costs one
+newline scan. ``packed=True`` tokenizes everything once up front (packing needs every length) and
+returns a :class:`~tunekit.data.packing.PackedDataset`. Every dataset has a ``collate`` method to
+pass to ``DataLoader(collate_fn=...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunekit.data.collate import padded_collate, preference_collate
+from tunekit.data.errors import DataError
+from tunekit.data.labels import shift_labels
+from tunekit.data.messages import (
+    AlpacaToMessages,
+    ChosenRejectedToMessages,
+    InputOutputToMessages,
+    OpenAIToMessages,
+    ShareGPTToMessages,
+    TextToDocument,
+)
+from tunekit.data.sources import load_rows
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+
+
+def split_indices(n: int, split: str, val_fraction: float, seed: int = 0) -> np.ndarray:
+    """Row indices of ``split`` when a fraction of ``n`` rows is held out for validation.
+
+    The held-out rows are a seeded random permutation's first ``round(n * val_fraction)`` rows:
+    the same (n, fraction, seed) always gives the same split. Indices come back sorted.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        if split == "validation":
+            raise ValueError("split='validation' needs val_fraction > 0 or a source dict "
+                             "{'train': ..., 'validation': ...}")
+        return np.arange(n)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    chosen = perm[:n_val] if split == "validation" else perm[n_val:]
+    return np.sort(chosen)
+
+
+def tokenize_item(tokenizer, item: Any, train_on_input: bool) -> tuple[list[int], list[bool] | None]:
+    """Tokens and mask (True = not trained on; None = train on all) of one transformed row.
+
+    ``item`` is a document string (encoded with BOS and EOS) or a list of messages.
+    """
+    if isinstance(item, str):
+        return tokenizer.encode(item, add_bos=True, add_eos=True), None
+    tokens, mask = tokenizer.tokenize_messages(item)
+    return tokens, (None if train_on_input else mask)
+
+
+def _labels(tokens: list[int], mask: list[bool] | None) -> list[int]:
+    return shift_labels(tokens, mask if mask is not None else [False] * len(tokens))
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """Rows of ``rows`` (restricted to ``indices``) passed through ``transform``.
+
+    With ``skip_bad_rows`` every row is transformed once at construction; rows raising DataError
+    are dropped, counted in ``num_skipped`` and logged. Otherwise a bad row raises on access.
+    """
+
+    def __init__(self, rows: Sequence, transform: Callable, tokenizer, *, indices=None,
+                 skip_bad_rows: bool = False):
+        self.rows, self.transform, self.tokenizer = rows, transform, tokenizer
+        self.indices = np.arange(len(rows)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.num_skipped = 0
+        self.skipped: list[str] = []
+        if skip_bad_rows:
+            good = []
+            for k, j in enumerate(self.indices.tolist()):
+                try:
+                    self.transformed(k)
+                    good.append(j)
+                except DataError as e:
+                    self.skipped.append(str(e))
+            self.indices = np.asarray(good, dtype=np.int64)
+            self.num_skipped = len(self.skipped)
+            log_skipped(self.skipped, self.rows)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def where(self, i: int) -> str:
+        return self.rows.where(int(self.indices[i]))
+
+    def transformed(self, i: int) -> Any:
+        """The transform's output for item ``i`` (messages, a document, or a preference pair)."""
+        j = int(self.indices[i])
+        try:
+            return self.transform(self.rows[j])
+        except DataError as e:
+            raise e.at(self.rows.where(j)) from None
+
+
+def log_skipped(skipped: list[str], rows) -> None:
+    if skipped:
+        shown = "\n  ".join(skipped[:5])
+        more = f"\n  ... and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        logger.warning("skipped %d bad row(s) of %s:\n  %s%s", len(skipped),
+                       getattr(rows, "name", "data"), shown, more)
+
+
+class SFTDataset(RowDataset):
+    """Supervised examples: ``dataset[i] = {"tokens": list[int], "labels": list[int]}``.
+
+    Labels are shifted (``labels[k]`` is the target of position ``k``), -100 on prompt tokens
+    (unless ``train_on_input``) and on the last token. Examples longer than ``max_seq_len`` are
+    truncated (the labels are computed after truncation).
+    """
+
+    def __init__(self, rows: Sequence, transform: Callable, tokenizer, *, train_on_input: bool = False,
+                 max_seq_len: int | None = None, indices=None, skip_bad_rows: bool = False):
+        super().__init__(rows, transform, tokenizer, indices=indices, skip_bad_rows=skip_bad_rows)
+        self.train_on_input = train_on_input
+        self.max_seq_len = max_seq_len
+
+    def tokenize(self, i: int) -> tuple[list[int], list[bool] | None]:
+        """Untruncated tokens and mask (True = not trained on, None = all trained) of item ``i``."""
+        item = self.transformed(i)
+        tokens, mask = tokenize_item(self.tokenizer, item, self.train_on_input)
+        if not tokens:
+            raise DataError("tokenizes to no tokens", where=self.where(i))
+        return tokens, mask
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        tokens, mask = self.tokenize(i)
+        if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
+            tokens = tokens[: self.max_seq_len]
+            mask = None if mask is None else mask[: self.max_seq_len]
+        return {"tokens": tokens, "labels": _labels(tokens, mask)}
+
+    def collate(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-padded batch (see :func:`~tunekit.data.collate.padded_collate`)."""
+        return padded_collate(batch, self.tokenizer.pad_id)
+
+
+class PreferenceDataset(RowDataset):
+    """Preference pairs: ``dataset[i] = {"chosen_tokens", "chosen_labels", "rejected_tokens",
+    "rejected_labels"}`` (lists; labels shifted and masked as in :class:`SFTDataset`)."""
+
+    def __init__(self, rows: Sequence, transform: Callable, tokenizer, *, train_on_input: bool = False,
+                 max_seq_len: int | None = None, indices=None, skip_bad_rows: bool = False):
+        super().__init__(rows, transform, tokenizer, indices=indices, skip_bad_rows=skip_bad_rows)
+        self.train_on_input = train_on_input
+        self.max_seq_len = max_seq_len
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        out = {}
+        for name, messages in zip(("chosen", "rejected"), self.transformed(i)):
+            tokens, mask = tokenize_item(self.tokenizer, messages, self.train_on_input)
+            if self.max_seq_len is not None:
+                tokens = tokens[: self.max_seq_len]
+                mask = None if mask is None else mask[: self.max_seq_len]
+            out[f"{name}_tokens"] = tokens
+            out[f"{name}_labels"] = _labels(tokens, mask)
+        return out
+
+    def collate(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Chosen rows then rejected rows (see :func:`~tunekit.data.collate.preference_collate`)."""
+        return preference_collate(batch, self.tokenizer.pad_id)
+
+
+def _open(source, split: str, val_fraction: float, seed: int, text_split: str, hf_kwargs: dict):
+    """Row source and indices of ``split``; ``source`` may be ``{"train": ..., "validation": ...}``
+    to split by file."""
+    if isinstance(source, Mapping):
+        if split not in source:
+            raise ValueError(f"split {split!r} not in the source dict (keys: {', '.join(source)})")
+        rows = load_rows(source[split], text_split=text_split, **hf_kwargs)
+        return rows, np.arange(len(rows))
+    rows = load_rows(source, text_split=text_split, **hf_kwargs)
+    return rows, split_indices(len(rows), split, val_fraction, seed)
+
+
+def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, long_examples, split,
+         val_fraction, seed, skip_bad_rows, text_split, hf_kwargs):
+    rows, indices = _open(source, split, val_fraction, seed, text_split, hf_kwargs)
+    if not packed:
+        if long_examples != "truncate":
+            raise ValueError("long_examples='split' needs packed=True (unpacked rows are truncated)")
+        return SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input,
+                          max_seq_len=max_seq_len, indices=indices, skip_bad_rows=skip_bad_rows)
+    if max_seq_len is None:
+        raise ValueError("packed=True needs max_seq_len (the length of a packed row)")
+    from tunekit.data.packing import pack_dataset  # packing imports this module
+
+    base = SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input,
+                      max_seq_len=max_seq_len, indices=indices)
+    return pack_dataset(base, max_seq_len, long_examples=long_examples, skip_bad_rows=skip_bad_rows)
+
+
+def instruct_dataset(tokenizer, source, *, format: str = "alpaca", column_map: Mapping[str, str] | None = None,
+                     system_prompt: str | None = None, train_on_input: bool = False,
+                     max_seq_len: int | None = None, packed: bool = False, long_examples: str = "truncate",
+                     split: str = "train", val_fraction: float = 0.0, seed: int = 0,
+                     skip_bad_rows: bool = False, text_split: str = "file", **hf_kwargs):
+    """Single-turn instruction data. ``format``: ``"alpaca"`` (instruction/input/output with the
+    Alpaca prompt) or ``"input_output"`` (input -> user, output -> assistant, optional system)."""
+    if format == "alpaca":
+        transform = AlpacaToMessages(column_map)
+    elif format == "input_output":
+        transform = InputOutputToMessages(column_map, system_prompt)
+    else:
+        raise ValueError(f"instruct_dataset format must be 'alpaca' or 'input_output', got {format!r}")
+    return _sft(tokenizer, source, transform, train_on_input=train_on_input, max_seq_len=max_seq_len,
+                packed=packed, long_examples=long_examples, split=split, val_fraction=val_fraction,
+                seed=seed, skip_bad_rows=skip_bad_rows, text_split=text_split, hf_kwargs=hf_kwargs)
+
+
+def chat_dataset(tokenizer, source, *, format: str = "openai", column_map: Mapping[str, str] | None = None,
+                 train_on_input: bool = False, max_seq_len: int | None = None, packed: bool = False,
+                 long_examples: str = "truncate", split: str = "train", val_fraction: float = 0.0,
+                 seed: int = 0, skip_bad_rows: bool = False, text_split: str = "file", **hf_kwargs):
+    """Multi-turn conversations. ``format``: ``"openai"`` (``messages`` with role/content) or
+    ``"sharegpt"`` (``conversations`` with from/value)."""
+    transforms = {"openai": OpenAIToMessages, "sharegpt": ShareGPTToMessages}
+    if format not in transforms:
+        raise ValueError(f"chat_dataset format must be 'openai' or 'sharegpt', got {format!r}")
+    return _sft(tokenizer, source, transforms[format](column_map), train_on_input=train_on_input,
+                max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
+                val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
+                text_split=text_split, hf_kwargs=hf_kwargs)
+
+
+def text_completion_dataset(tokenizer, source, *, column_map: Mapping[str, str] | None = None,
+                            max_seq_len: int | None = None, packed: bool = False,
+                            long_examples: str = "truncate", split: str = "train",
+                            val_fraction: float = 0.0, seed: int = 0, skip_bad_rows: bool = False,
+                            text_split: str = "file", **hf_kwargs):
+    """Plain text for continued pretraining: every token after BOS is a target. ``.txt`` files are
+    one document per file (``text_split="file"``) or per blank-line separated block (``"paragraph"``)."""
+    return _sft(tokenizer, source, TextToDocument(column_map), train_on_input=True,
+                max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
+                val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
+                text_split=text_split, hf_kwargs=hf_kwargs)
+
+
+def preference_dataset(tokenizer, source, *, column_map: Mapping[str, str] | None = None,
+                       train_on_input: bool = False, max_seq_len: int | None = None,
+                       split: str = "train", val_fraction: float = 0.0, seed: int = 0,
+                       skip_bad_rows: bool = False, **hf_kwargs) -> PreferenceDataset:
+    """Chosen/rejected pairs (``prompt`` + ``chosen``/``rejected`` strings or conversations)."""
+    rows, indices = _open(source, split, val_fraction, seed, "file", hf_kwargs)
+    return PreferenceDataset(rows, ChosenRejectedToMessages(column_map), tokenizer,
+                             train_on_input=train_on_input, max_seq_len=max_seq_len, indices=indices,
+                             skip_bad_rows=skip_bad_rows)

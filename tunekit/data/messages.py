@@ -1,0 +1,275 @@
+"""Message transforms: one row of a dataset (a dict) -> OpenAI-style messages.
+
+Every transform is a tiny callable ``transform(row) -> list[Message]`` (or ``str`` for plain text,
+or a ``(chosen, rejected)`` pair for preference data). ``column_map`` maps the names a transform
+expects to the names used in your files, e.g. ``{"output": "response"}``. Transforms validate what
+they produce and raise :class:`~tunekit.data.errors.DataError` naming the offending field; the
+dataset adds the file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tunekit.data.errors import DataError
+
+Message = dict[str, Any]
+
+ROLES = ("system", "user", "assistant", "tool")
+
+# The wording of the original Stanford Alpaca release, so that models trained on Alpaca-style data
+# see the prompt they were trained on.
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+}
+
+
+def get_field(row: Mapping[str, Any], name: str, column_map: Mapping[str, str] | None,
+              *, required: bool = True) -> Any:
+    """``row[column_map.get(name, name)]`` with a DataError naming the column when it is missing."""
+    column = (column_map or {}).get(name, name)
+    if column in row and row[column] is not None:
+        return row[column]
+    if not required:
+        return None
+    available = ", ".join(sorted(map(str, row))) or "none"
+    hint = f" (mapped from {name!r} by column_map)" if column != name else (
+        f"; map it with column_map: {{{name}: <your column>}}")
+    raise DataError(f"missing column{hint}; the row has: {available}", field=column)
+
+
+def _text(value: Any, field: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {type(value).__name__}", field=field)
+    if not allow_empty and not value.strip():
+        raise DataError("empty text", field=field)
+    return value
+
+
+def validate_messages(messages: list[Message], field: str = "messages") -> list[Message]:
+    """Check roles, contents and turn order of a conversation; return it unchanged.
+
+    Accepted order: an optional leading system message, then user and assistant alternating from a
+    user turn; tool messages follow an assistant turn (or other tool messages). The conversation
+    must contain an assistant turn (otherwise nothing would be trained on).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise DataError("expected a non-empty list of messages", field=field)
+    previous = None
+    for i, msg in enumerate(messages):
+        where = f"{field}[{i}]"
+        role = msg.get("role")
+        if role not in ROLES:
+            raise DataError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}",
+                            field=f"{where}.role")
+        has_tool_calls = bool(msg.get("tool_calls"))
+        _text(msg.get("content"), f"{where}.content",
+              allow_empty=role == "assistant" and has_tool_calls)
+        allowed = {
+            None: ("system", "user"),
+            "system": ("user",),
+            "user": ("assistant",),
+            "assistant": ("user", "tool"),
+            "tool": ("tool", "assistant"),
+        }[previous]
+        if role not in allowed:
+            after = f"after a {previous!r} message" if previous else "as the first message"
+            raise DataError(f"role {role!r} cannot come {after}; expected {' or '.join(allowed)}",
+                            field=f"{where}.role")
+        previous = role
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("conversation has no assistant message, nothing to train on", field=field)
+    return messages
+
+
+class AlpacaToMessages:
+    """Alpaca rows (``instruction``, optional ``input``, ``output``) -> [user prompt, assistant].
+
+    The user turn is the standard Alpaca prompt; only the response is trained on unless the
+    dataset is built with ``train_on_input=True``.
+    """
+
+    def __init__(self, column_map: Mapping[str, str] | None = None):
+        self.column_map = dict(column_map or {})
+
+    def __call__(self, row: Mapping[str, Any]) -> list[Message]:
+        cm = self.column_map
+        instruction = _text(get_field(row, "instruction", cm), cm.get("instruction", "instruction"))
+        inp = get_field(row, "input", cm, required=False)
+        output = _text(get_field(row, "output", cm), cm.get("output", "output"))
+        if inp is not None and _text(inp, cm.get("input", "input"), allow_empty=True).strip():
+            prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=inp)
+        else:
+            prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+class InputOutputToMessages:
+    """``input`` / ``output`` pairs -> [optional system, user, assistant]."""
+
+    def __init__(self, column_map: Mapping[str, str] | None = None, system_prompt: str | None = None):
+        self.column_map = dict(column_map or {})
+        self.system_prompt = system_prompt
+
+    def __call__(self, row: Mapping[str, Any]) -> list[Message]:
+        cm = self.column_map
+        messages = [] if not self.system_prompt else [{"role": "system", "content": self.system_prompt}]
+        messages.append({"role": "user", "content": _text(get_field(row, "input", cm), cm.get("input", "input"))})
+        messages.append({"role": "assistant",
+                         "content": _text(get_field(row, "output", cm), cm.get("output", "output"))})
+        return messages
+
+
+class ShareGPTToMessages:
+    """ShareGPT rows: ``conversations`` = [{"from": "human"|"gpt"|"system", "value": str}, ...]."""
+
+    def __init__(self, column_map: Mapping[str, str] | None = None):
+        self.column_map = dict(column_map or {})
+
+    def __call__(self, row: Mapping[str, Any]) -> list[Message]:
+        column = self.column_map.get("conversations", "conversations")
+        turns = get_field(row, "conversations", self.column_map)
+        if not isinstance(turns, list):
+            raise DataError(f"expected a list of turns, got {type(turns).__name__}", field=column)
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
+                raise DataError('expected {"from": ..., "value": ...}', field=f"{column}[{i}]")
+            role = SHAREGPT_ROLES.get(turn["from"])
+            if role is None:
+                raise DataError(f"unknown role {turn['from']!r}; expected one of "
+                                f"{', '.join(SHAREGPT_ROLES)}", field=f"{column}[{i}].from")
+            messages.append({"role": role, "content": turn["value"]})
+        try:
+            return validate_messages(messages, column)
+        except DataError as e:  # name the ShareGPT keys, not the OpenAI ones
+            field = (e.field or "").replace(".role", ".from").replace(".content", ".value")
+            raise DataError(e.reason, field=field) from None
+
+
+def _openai_content(content: Any, field: str) -> Any:
+    """Flatten ``[{"type": "text", "text": ...}, ...]`` content into one string."""
+    if not isinstance(content, list):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, Mapping) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise DataError(f"only text content parts are supported, got {kind!r}",
+                            field=f"{field}[{j}]")
+        parts.append(part.get("text", ""))
+    return "".join(parts)
+
+
+def _convert_openai(value: Any, field: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise DataError(f"expected a list of messages, got {type(value).__name__}", field=field)
+    messages = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, Mapping):
+            raise DataError(f"expected a message object, got {type(msg).__name__}", field=f"{field}[{i}]")
+        out = {"role": msg.get("role"),
+               "content": _openai_content(msg.get("content") or "", f"{field}[{i}].content")}
+        if msg.get("tool_calls"):
+            out["tool_calls"] = msg["tool_calls"]
+        messages.append(out)
+    return messages
+
+
+class OpenAIToMessages:
+    """OpenAI-style rows: ``messages`` = [{"role": ..., "content": ...}, ...] (validated)."""
+
+    def __init__(self, column_map: Mapping[str, str] | None = None):
+        self.column_map = dict(column_map or {})
+
+    def __call__(self, row: Mapping[str, Any]) -> list[Message]:
+        field = self.column_map.get("messages", "messages")
+        return validate_messages(_convert_openai(get_field(row, "messages", self.column_map), field),
+                                 field)
+
+
+class ChosenRejectedToMessages:
+    """Preference rows -> ``(chosen_messages, rejected_messages)``.
+
+    ``chosen`` / ``rejected`` are either response strings (then ``prompt`` is required and becomes
+    the user turn) or conversations in OpenAI format (an optional ``prompt``, string or message
+    list, is prepended).
+    """
+
+    def __init__(self, column_map: Mapping[str, str] | None = None):
+        self.column_map = dict(column_map or {})
+
+    def __call__(self, row: Mapping[str, Any]) -> tuple[list[Message], list[Message]]:
+        cm = self.column_map
+        prompt = get_field(row, "prompt", cm, required=False)
+        prompt_field = cm.get("prompt", "prompt")
+        if prompt is None:
+            prompt_msgs = []
+        elif isinstance(prompt, str):
+            prompt_msgs = [{"role": "user", "content": _text(prompt, prompt_field)}]
+        else:
+            prompt_msgs = _convert_openai(prompt, prompt_field)
+        pair = []
+        for name in ("chosen", "rejected"):
+            field = cm.get(name, name)
+            value = get_field(row, name, cm)
+            if isinstance(value, str):
+                if not prompt_msgs:
+                    get_field(row, "prompt", cm)  # raises: a bare response needs a prompt
+                response = [{"role": "assistant", "content": _text(value, field)}]
+            else:
+                response = _convert_openai(value, field)
+            pair.append(validate_messages(prompt_msgs + response, field))
+        return pair[0], pair[1]
+
+
+class TextToDocument:
+    """Plain text rows (``text``) -> the document string, for continued pretraining."""
+
+    def __init__(self, column_map: Mapping[str, str] | None = None):
+        self.column_map = dict(column_map or {})
+
+    def __call__(self, row: Mapping[str, Any]) -> str:
+        return _text(get_field(row, "text", self.column_map), self.column_map.get("text", "text"))
+
+
+TRANSFORMS = {
+    "alpaca": AlpacaToMessages,
+    "input_output": InputOutputToMessages,
+    "sharegpt": ShareGPTToMessages,
+    "openai": OpenAIToMessages,
+    "preference": ChosenRejectedToMessages,
+    "text": TextToDocument,
+}
+
+
+def detect_format(row: Mapping[str, Any], column_map: Mapping[str, str] | None = None) -> str:
+    """Guess the row format from its keys (after ``column_map``): a key of :data:`TRANSFORMS`."""
+    keys = {k for k in row}
+    inverse = {v: k for k, v in (column_map or {}).items()}
+    keys |= {inverse[k] for k in row if k in inverse}
+    for fmt, needed in (("preference", {"chosen", "rejected"}), ("sharegpt", {"conversations"}),
+                        ("openai", {"messages"}), ("alpaca", {"instruction", "output"}),
+                        ("input_output", {"input", "output"}), ("text", {"text"})):
+        if needed <= keys:
+            return fmt
+    raise DataError(f"cannot tell the data format from the columns {sorted(map(str, row))}; "
+                    f"pass one of {', '.join(TRANSFORMS)} (and a column_map if names differ)")
