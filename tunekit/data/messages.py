@@ -110,16 +110,28 @@ class AlpacaToMessages:
     def __init__(self, column_map: Mapping[str, str] | None = None):
         self.column_map = dict(column_map or {})
 
-    def __call__(self, row: Mapping[str, Any]) -> list[Message]:
+    def fields(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
+        """(instruction, input or "", output), validated."""
         cm = self.column_map
         instruction = _text(get_field(row, "instruction", cm), cm.get("instruction", "instruction"))
         inp = get_field(row, "input", cm, required=False)
+        inp = "" if inp is None else _text(inp, cm.get("input", "input"), allow_empty=True)
         output = _text(get_field(row, "output", cm), cm.get("output", "output"))
-        if inp is not None and _text(inp, cm.get("input", "input"), allow_empty=True).strip():
+        return instruction, inp, output
+
+    def __call__(self, row: Mapping[str, Any]) -> list[Message]:
+        instruction, inp, output = self.fields(row)
+        if inp.strip():
             prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=inp)
         else:
             prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+    def raw_messages(self, row: Mapping[str, Any]) -> list[Message]:
+        """The row's own text without the shared prompt wording (for duplicate/contamination checks)."""
+        instruction, inp, output = self.fields(row)
+        user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 class InputOutputToMessages:

@@ -1,0 +1,124 @@
+"""``tunekit data check <config.yaml | files...>``: a short report on training data.
+
+With data files: ``tunekit data check train.jsonl --eval eval.jsonl [--format sharegpt]
+[--tokenizer CHECKPOINT_DIR] [--max-seq-len 2048]``. With a config, the ``dataset`` node gives the
+source, format, column_map and max_seq_len, ``eval_dataset`` (or a ``{train, validation}`` source)
+the eval files, and the ``tokenizer`` node the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tunekit.data.errors import DataError
+
+# The builder a config names decides the row format (its `format` key, when present, wins).
+_BUILDER_FORMATS = {"instruct_dataset": "alpaca", "chat_dataset": "openai",
+                    "text_completion_dataset": "text", "preference_dataset": "preference"}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``data check`` on the ``tunekit`` command's subparsers."""
+    data = subparsers.add_parser("data", help="inspect training data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="counts, length histogram, duplicates, eval contamination",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="a config .yaml or data files/directories")
+    p.add_argument("--eval", nargs="+", default=None, help="eval files checked for contamination")
+    p.add_argument("--format", default=None,
+                   help="auto, alpaca, input_output, sharegpt, openai, preference or text (default: auto)")
+    p.add_argument("--column-map", nargs="*", default=[], metavar="EXPECTED=ACTUAL",
+                   help="column names, e.g. output=response")
+    p.add_argument("--tokenizer", default=None, help="HF checkpoint dir: count lengths in tokens")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--text-split", default=None, choices=("file", "paragraph"),
+                   help=".txt files: one document per file or per blank-line separated block")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8)
+    p.set_defaults(func=run)
+    return p
+
+
+def _config_settings(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    try:  # tunekit.config registers the ${asset:...} resolver when present
+        from tunekit.config import load as load_config  # type: ignore[attr-defined]
+        cfg = load_config(path)
+    except ImportError:
+        cfg = OmegaConf.load(path)
+    if "dataset" not in cfg:
+        raise ValueError(f"{path}: no 'dataset' key; pass data files instead")
+    ds = cfg.dataset
+    builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
+    source = OmegaConf.to_container(ds.source, resolve=True) if "source" in ds else None
+    if source is None:
+        raise ValueError(f"{path}: dataset.source is missing")
+    settings = {
+        "train": source, "eval": None,
+        "format": ds.get("format") or _BUILDER_FORMATS.get(builder, "auto"),
+        "column_map": OmegaConf.to_container(ds.column_map) if ds.get("column_map") else None,
+        "max_seq_len": ds.get("max_seq_len"), "text_split": ds.get("text_split") or "file",
+        "tokenizer": None,
+    }
+    if isinstance(source, dict):
+        settings["train"], settings["eval"] = source.get("train"), source.get("validation")
+    if cfg.get("eval_dataset") and cfg.eval_dataset.get("source"):
+        settings["eval"] = OmegaConf.to_container(cfg.eval_dataset.source, resolve=True)
+    if cfg.get("tokenizer"):
+        try:
+            from tunekit.config import instantiate  # type: ignore[attr-defined]
+            settings["tokenizer"] = instantiate(cfg.tokenizer)
+        except Exception as e:  # the report still works with word counts
+            print(f"note: could not build the config's tokenizer ({e}); counting words", file=sys.stderr)
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunekit.data.check import check_data, format_report
+
+    try:
+        if len(args.inputs) == 1 and Path(args.inputs[0]).suffix in (".yaml", ".yml"):
+            settings = _config_settings(Path(args.inputs[0]))
+        else:
+            settings = {"train": args.inputs, "eval": None, "format": "auto", "column_map": None,
+                        "max_seq_len": None, "text_split": "file", "tokenizer": None}
+        if args.eval:
+            settings["eval"] = args.eval
+        if args.format:
+            settings["format"] = args.format
+        if args.column_map:
+            pairs = [kv.split("=", 1) for kv in args.column_map]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("--column-map takes EXPECTED=ACTUAL pairs, e.g. output=response")
+            settings["column_map"] = dict(pairs)
+        if args.max_seq_len:
+            settings["max_seq_len"] = args.max_seq_len
+        if args.text_split:
+            settings["text_split"] = args.text_split
+        if args.tokenizer:
+            from tunekit.data.tokenizers import from_hf
+
+            settings["tokenizer"] = from_hf(args.tokenizer)
+        report = check_data(settings["train"], settings["eval"], tokenizer=settings["tokenizer"],
+                            format=settings["format"], column_map=settings["column_map"],
+                            max_seq_len=settings["max_seq_len"], text_split=settings["text_split"],
+                            near_dup_threshold=args.near_dup_threshold)
+    except (DataError, ValueError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 1 if report.bad_rows else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m tunekit.cli.data_check check FILES``)."""
+    parser = argparse.ArgumentParser(prog="tunekit")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data"] + (sys.argv[1:] if argv is None else argv))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
