@@ -1,0 +1,35 @@
+"""Parameter-efficient fine-tuning: LoRA / DoRA / QLoRA layers, PEFT-format adapters, prompt
+tuning and layer freezing. torchao (NF4) is imported only when a quantized base is used."""
+
+from tunekit.modules.peft.freezing import freeze_layers, trainable_parameters
+from tunekit.modules.peft.lora import (
+    LoRALinear,
+    apply_lora,
+    lora_modules,
+    lora_scaling,
+    lora_state_dict,
+    merge_lora,
+    merged_state_dict,
+    reset_lora_parameters,
+)
+from tunekit.modules.peft.peft_adapter import load_peft_adapter, read_peft_config, save_peft_adapter
+from tunekit.modules.peft.prompt_tuning import PromptEmbedding, PromptTuning, extend_mask_with_prefix
+
+__all__ = [
+    "LoRALinear",
+    "PromptEmbedding",
+    "PromptTuning",
+    "apply_lora",
+    "extend_mask_with_prefix",
+    "freeze_layers",
+    "load_peft_adapter",
+    "lora_modules",
+    "lora_scaling",
+    "lora_state_dict",
+    "merge_lora",
+    "merged_state_dict",
+    "read_peft_config",
+    "reset_lora_parameters",
+    "save_peft_adapter",
+    "trainable_parameters",
+]

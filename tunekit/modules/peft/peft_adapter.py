@@ -1,0 +1,248 @@
+"""Read and write LoRA / DoRA adapters in Hugging Face PEFT's on-disk format.
+
+A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys
+are ``base_model.model.<HF module path>.lora_A.weight`` / ``.lora_B.weight`` (and
+``.lora_magnitude_vector`` for DoRA). tunekit <-> HF names go through the functions passed in
+(default: ``tunekit.training.hf_keys.to_hf_name`` / ``from_hf_name``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunekit.modules.peft.lora import LoRALinear, apply_lora, lora_modules
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# PEFT key suffix -> tunekit parameter name inside a LoRALinear
+_SUFFIX_TO_OURS = {
+    ".lora_A.weight": "lora_a.weight",
+    ".lora_B.weight": "lora_b.weight",
+    ".lora_magnitude_vector": "magnitude",
+}
+# adapter_config.json fields tunekit cannot honour: any truthy value is refused.
+_UNSUPPORTED_FIELDS = (
+    "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "layer_replication",
+    "target_parameters", "trainable_token_indices", "lora_bias", "fan_in_fan_out", "use_qalora",
+    "alora_invocation_tokens", "use_bdlora",
+)
+
+
+def _default_to_hf() -> Callable[[str], str]:
+    from tunekit.training.hf_keys import to_hf_name
+
+    return to_hf_name
+
+
+def _default_from_hf() -> Callable[[str], str]:
+    from tunekit.training.hf_keys import from_hf_name
+
+    return from_hf_name
+
+
+def _module_to_hf(path: str, hf_name_fn: Callable[[str], str]) -> str:
+    # Map through the module's weight name: the one name every key table is sure to know.
+    return hf_name_fn(f"{path}.weight").removesuffix(".weight")
+
+
+def _module_from_hf(hf_path: str, hf_name_fn_inverse: Callable[[str], str]) -> str:
+    return hf_name_fn_inverse(f"{hf_path}.weight").removesuffix(".weight")
+
+
+def _adapter_settings(modules: dict[str, LoRALinear]) -> dict:
+    """rank / alpha / dropout / use_dora / use_rslora shared by all LoRA layers (raise if mixed)."""
+    settings = None
+    for path, m in modules.items():
+        dropout = m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
+        s = {"rank": m.rank, "alpha": m.alpha, "dropout": dropout,
+             "use_dora": m.use_dora, "use_rslora": m.use_rslora}
+        if settings is None:
+            settings = s
+        elif s != settings:
+            raise ValueError(f"LoRA layers disagree ({path}: {s} vs {settings}); PEFT needs one setting")
+    return settings
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    targets: Iterable[str] | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    dropout: float | None = None,
+    use_dora: bool | None = None,
+    hf_name_fn: Callable[[str], str] | None = None,
+) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT key names) to ``out_dir``.
+
+    The LoRA settings are read from the model; any of ``targets``/``rank``/``alpha``/``dropout``/
+    ``use_dora`` that is given is checked against it (a mismatch raises ValueError).
+    ``hf_name_fn`` maps a tunekit parameter name to its HF name.
+    """
+    from safetensors.torch import save_file
+
+    hf_name_fn = hf_name_fn or _default_to_hf()
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("save_peft_adapter: the model has no LoRA layers (call apply_lora first)")
+    settings = _adapter_settings(modules)
+    our_targets = sorted({path.rpartition(".")[2] for path in modules})
+    given = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_dora": use_dora}
+    for key, value in given.items():
+        if value is not None and value != settings[key]:
+            raise ValueError(f"save_peft_adapter: {key}={value!r} but the model's LoRA layers have {settings[key]!r}")
+    if targets is not None and sorted(set(targets)) != our_targets:
+        raise ValueError(f"save_peft_adapter: targets={sorted(set(targets))} but the model has LoRA on {our_targets}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    hf_targets = set()
+    for path, module in modules.items():
+        hf_path = _module_to_hf(path, hf_name_fn)
+        hf_targets.add(hf_path.rpartition(".")[2])
+        ours = module.adapter_params()
+        for suffix, name in _SUFFIX_TO_OURS.items():
+            if name in ours:
+                tensors[f"{_PREFIX}{hf_path}{suffix}"] = ours[name].detach().to("cpu").contiguous()
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": settings["rank"],
+        "lora_alpha": settings["alpha"],
+        "lora_dropout": settings["dropout"],
+        "target_modules": sorted(hf_targets),
+        "use_dora": settings["use_dora"],
+        "use_rslora": settings["use_rslora"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
+    """The adapter's ``adapter_config.json``, validated for what tunekit supports."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; tunekit loads only LORA adapters")
+    for field in _UNSUPPORTED_FIELDS:
+        if config.get(field):
+            raise ValueError(f"{path}: '{field}' = {config[field]!r} is not supported by tunekit; "
+                             "retrain the adapter without it")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias = {config['bias']!r} is not supported (only 'none')")
+    for field in ("r", "lora_alpha"):
+        if field not in config:
+            raise ValueError(f"{path}: missing field '{field}'")
+    return config
+
+
+def load_peft_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    hf_name_fn_inverse: Callable[[str], str] | None = None,
+    *,
+    quantize_base: bool = False,
+) -> nn.Module:
+    """Load a PEFT LoRA/DoRA adapter into ``model`` (in place; returns it) to continue training.
+
+    If the model has no LoRA layers yet they are added with the adapter's settings (r,
+    lora_alpha, lora_dropout, use_dora, use_rslora; ``quantize_base`` for QLoRA); otherwise the
+    existing layers must match them. The set of adapted modules must equal the one in
+    ``adapter_model.safetensors``. ``hf_name_fn_inverse`` maps an HF parameter name to tunekit's.
+    """
+    from safetensors.torch import load_file
+
+    hf_name_fn_inverse = hf_name_fn_inverse or _default_from_hf()
+    config = read_peft_config(adapter_dir)
+    weights_path = Path(adapter_dir) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found (tunekit reads only safetensors adapters)")
+    tensors = load_file(str(weights_path))
+
+    ours: dict[str, torch.Tensor] = {}
+    hf_leaf_of: dict[str, str] = {}  # our leaf name -> PEFT target module name
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _SUFFIX_TO_OURS if key.endswith(s)), None)
+        if not key.startswith(_PREFIX) or suffix is None:
+            raise ValueError(f"{weights_path}: unexpected key '{key}' (expected "
+                             f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' / '.lora_magnitude_vector')")
+        hf_path = key[len(_PREFIX):-len(suffix)]
+        path = _module_from_hf(hf_path, hf_name_fn_inverse)
+        ours[f"{path}.{_SUFFIX_TO_OURS[suffix]}"] = tensor
+        hf_leaf_of[path.rpartition(".")[2]] = hf_path.rpartition(".")[2]
+    targets = sorted(hf_leaf_of)
+    if isinstance(config.get("target_modules"), list):
+        listed = set(config["target_modules"])
+        found = set(hf_leaf_of.values())
+        if listed != found:
+            raise ValueError(f"{weights_path}: adapter_config target_modules {sorted(listed)} but the "
+                             f"weights cover {sorted(found)}")
+
+    r, alpha = config["r"], config["lora_alpha"]
+    use_dora, use_rslora = bool(config.get("use_dora")), bool(config.get("use_rslora"))
+    dropout = float(config.get("lora_dropout") or 0.0)
+    modules = lora_modules(model)
+    if not modules:
+        apply_lora(model, targets, rank=r, alpha=alpha, dropout=dropout, use_dora=use_dora,
+                   quantize_base=quantize_base, use_rslora=use_rslora)
+        modules = lora_modules(model)
+    else:
+        have = _adapter_settings(modules)
+        want = {"rank": r, "alpha": alpha, "use_dora": use_dora, "use_rslora": use_rslora}
+        for key, value in want.items():
+            if have[key] != value:
+                raise ValueError(f"{adapter_dir}: adapter has {key}={value!r} but the model's LoRA layers "
+                                 f"have {have[key]!r}; build the model without LoRA and let load_peft_adapter add it")
+
+    expected = {f"{path}.{name}" for path, m in modules.items() for name in m.adapter_params()}
+    missing, unexpected = sorted(expected - ours.keys()), sorted(ours.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{adapter_dir}: adapter does not match the model's LoRA layers "
+                         f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}); "
+                         "adapters on a subset of layers are not supported")
+    for path, module in modules.items():
+        for name, param in module.adapter_params().items():
+            tensor = ours[f"{path}.{name}"]
+            if tensor.shape != param.shape:
+                raise ValueError(f"{weights_path}: '{path}.{name}' has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(param.shape)}")
+            with torch.no_grad():
+                if param.device.type == "meta":
+                    new = nn.Parameter(tensor.to(device=module.weight.device, dtype=param.dtype))
+                    _set_adapter_param(module, name, new)
+                else:
+                    param.copy_(tensor)
+    return model
+
+
+def _set_adapter_param(module: LoRALinear, name: str, param: nn.Parameter) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    setattr(owner, attr, param)
