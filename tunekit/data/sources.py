@@ -85,10 +85,17 @@ def _line_spans(path: Path, chunk_bytes: int = 1 << 24) -> tuple[np.ndarray, np.
     ends = np.concatenate([nl, [size]]).astype(np.int64)
     if len(starts) and starts[-1] >= size:  # trailing newline: no last line
         starts, ends = starts[:-1], ends[:-1]
-    short = np.flatnonzero(ends - starts <= 2)  # only short lines can be blank ("", "\r", " \r")
-    if len(short):
+    # Blank lines (whitespace only) are skipped; only lines that are empty or start with
+    # whitespace can be blank, so just those are read back.
+    first = np.full(len(starts), 32, np.uint8)
+    nonempty = np.flatnonzero(ends > starts)
+    if len(nonempty):
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            first[nonempty] = np.frombuffer(mm, np.uint8)[starts[nonempty]]
+    maybe_blank = np.flatnonzero(np.isin(first, np.frombuffer(b" \t\r\x0b\x0c", np.uint8)))
+    if len(maybe_blank):
         with open(path, "rb") as f:
-            for k in short:
+            for k in maybe_blank:
                 f.seek(int(starts[k]))
                 if not f.read(int(ends[k] - starts[k])).strip():
                     ends[k] = starts[k]
