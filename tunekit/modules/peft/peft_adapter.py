@@ -187,8 +187,14 @@ def load_peft_adapter(
 
     ours: dict[str, torch.Tensor] = {}
     hf_leaf_of: dict[str, str] = {}  # our leaf name -> PEFT target module name
+    base_copies: dict[str, torch.Tensor] = {}  # full base weights PEFT saves next to the adapter
     for key, tensor in tensors.items():
         suffix = next((s for s in _SUFFIX_TO_OURS if key.endswith(s)), None)
+        if key.startswith(_PREFIX) and suffix is None and "lora_" not in key:
+            # PEFT stores lm_head / embed_tokens whole when they are targeted (save_embedding_layers)
+            hf_name = key[len(_PREFIX):].replace(".base_layer.", ".")
+            base_copies[hf_name_fn_inverse(hf_name)] = tensor
+            continue
         if not key.startswith(_PREFIX) or suffix is None:
             raise ValueError(f"{weights_path}: unexpected key '{key}' (expected "
                              f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' / '.lora_magnitude_vector')")
@@ -203,6 +209,8 @@ def load_peft_adapter(
         if listed != found:
             raise ValueError(f"{weights_path}: adapter_config target_modules {sorted(listed)} but the "
                              f"weights cover {sorted(found)}")
+
+    _check_base_copies(model, base_copies, weights_path)
 
     r, alpha = config["r"], config["lora_alpha"]
     use_dora, use_rslora = bool(config.get("use_dora")), bool(config.get("use_rslora"))
@@ -240,6 +248,28 @@ def load_peft_adapter(
                 else:
                     param.copy_(tensor)
     return model
+
+
+def _check_base_copies(model: nn.Module, base_copies: dict[str, torch.Tensor], weights_path: Path) -> None:
+    """Base weights saved in the adapter must equal the model's: tunekit does not train them."""
+    params = dict(model.named_parameters())
+    quantized = {f"{path}.weight" for path, m in lora_modules(model).items() if m.quantized}
+    for name, saved in base_copies.items():
+        current = params.get(name)
+        if current is None:
+            raise ValueError(f"{weights_path}: carries base weight '{name}' that the model does not have")
+        if current.is_meta:
+            raise ValueError(f"{weights_path}: carries base weight '{name}'; load the base model's weights "
+                             "before the adapter so it can be checked")
+        if name in quantized:  # compare in the same lossy format
+            from tunekit.modules.peft import nf4
+
+            current = nf4.nf4_dequantize(current)
+            saved = nf4.nf4_dequantize(nf4.to_nf4(saved.to(current.dtype)))
+        current = current.detach().to(device="cpu", dtype=saved.dtype)
+        if current.shape != saved.shape or not torch.equal(current, saved.cpu()):
+            raise ValueError(f"{weights_path}: carries a modified copy of base weight '{name}' (resized "
+                             "vocabulary or trained embeddings), which tunekit does not support")
 
 
 def _set_adapter_param(module: LoRALinear, name: str, param: nn.Parameter) -> None:
