@@ -1,0 +1,244 @@
+"""Chat formats: OpenAI-style messages -> text parts, each flagged trained or not.
+
+Each format reproduces, character for character, the official HF chat template of its family
+(``tokenizer.apply_chat_template``); the tokenizer then encodes the joined text exactly like HF
+does and derives the loss mask from which part each token starts in. Trained parts are the
+assistant content and its end-of-turn marker; everything else (system, user, tool content, role
+headers, BOS) is not trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, Any]
+Part = tuple[str, bool]  # (text, trained)
+
+log = logging.getLogger(__name__)
+
+QWEN2_5_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN2_SYSTEM = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A named renderer plus the end-of-turn strings that should stop generation."""
+
+    name: str
+    renderer: Callable[..., list[Part]]
+    stop_strings: tuple[str, ...] = ()
+    default_system: str | None = None
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
+               tools: list[dict] | None = None, bos: str = "", eos: str = "") -> list[Part]:
+        _check_roles(messages)
+        return self.renderer(list(messages), add_generation_prompt=add_generation_prompt,
+                             tools=tools, bos=bos, eos=eos, default_system=self.default_system)
+
+
+def _check_roles(messages: Sequence[Message]) -> None:
+    for i, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"messages[{i}].role: unknown role {m.get('role')!r}; expected "
+                             "system, user, assistant or tool")
+        if not isinstance(m.get("content", ""), str):
+            raise ValueError(f"messages[{i}].content: expected a string, got "
+                             f"{type(m.get('content')).__name__}")
+
+
+def _content(m: Message) -> str:
+    return m.get("content") or ""
+
+
+def _tojson(x: Any) -> str:
+    # transformers' chat-template ``tojson`` filter: json.dumps keeping non-ASCII characters.
+    return json.dumps(x, ensure_ascii=False)
+
+
+def _alternating(messages: list[Message], fmt: str) -> None:
+    """The [INST]/Gemma templates require user/assistant alternation starting with user."""
+    for i, m in enumerate(messages):
+        if m["role"] not in ("user", "assistant"):
+            raise ValueError(f"chat format {fmt!r} supports only user/assistant turns after an "
+                             f"optional system message; got role {m['role']!r} in a later message")
+        if (m["role"] == "user") != (i % 2 == 0):
+            raise ValueError(f"chat format {fmt!r}: roles must alternate user/assistant "
+                             f"starting with user (message {i} is {m['role']!r})")
+
+
+def _split_system(messages: list[Message]) -> tuple[str | None, list[Message]]:
+    if messages and messages[0]["role"] == "system":
+        return _content(messages[0]), messages[1:]
+    return None, messages
+
+
+def _llama2(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    system, turns = _split_system(messages)
+    _alternating(turns, "llama2")
+    prefix = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n" if system is not None else ""
+    parts: list[Part] = []
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            content = (prefix if i == 0 else "") + _content(m).strip()
+            parts.append((f"{bos}[INST] {content} [/INST]", False))
+        else:
+            parts.append((f" {_content(m).strip()} {eos}", True))
+    return parts
+
+
+def _mistral(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    system, turns = _split_system(messages)
+    _alternating(turns, "mistral")
+    parts: list[Part] = [(bos, False)]
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            content = _content(m)
+            if i == 0 and system is not None:
+                content = f"{system}\n\n{content}"
+            parts.append((f" [INST] {content} [/INST]", False))
+        else:
+            parts.append((f" {_content(m)}{eos}", True))
+    return parts
+
+
+def _llama3_tool_call(m: Message) -> str:
+    calls = m["tool_calls"]
+    if len(calls) != 1:
+        raise ValueError("chat format 'llama3' renders exactly one tool call per assistant "
+                         f"message (Llama 3.1 convention); got {len(calls)}")
+    call = calls[0].get("function", calls[0])
+    return (f'{{"name": "{call["name"]}", "parameters": '
+            f'{_tojson(call.get("arguments", {}))}}}')
+
+
+def _llama3(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    parts: list[Part] = []
+    for i, m in enumerate(messages):
+        role = "ipython" if m["role"] == "tool" else m["role"]  # Llama 3.1 tool-output role
+        header = f"{bos if i == 0 else ''}<|start_header_id|>{role}<|end_header_id|>\n\n"
+        content = _llama3_tool_call(m) if m.get("tool_calls") else _content(m).strip()
+        if m["role"] == "assistant":
+            parts += [(header, False), (content + "<|eot_id|>", True)]
+        else:
+            parts.append((header + content + "<|eot_id|>", False))
+    if add_generation_prompt:
+        parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
+    return parts
+
+
+def _chatml_tools_system(system: str | None, tools: list[dict]) -> str:
+    listed = "".join("\n" + _tojson(t) for t in tools)
+    head = "" if system is None else system + "\n\n"
+    return ("<|im_start|>system\n" + head +
+            "# Tools\n\nYou may call one or more functions to assist with the user query."
+            "\n\nYou are provided with function signatures within <tools></tools> XML tags:"
+            f"\n<tools>{listed}\n</tools>\n\nFor each function call, return a json object with "
+            "function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>"
+            '\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+            "<|im_end|>\n")
+
+
+def _chatml(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    system = _content(messages[0]) if has_system else default_system
+    parts: list[Part] = []
+    if tools:
+        parts.append((_chatml_tools_system(system, tools), False))
+    elif system is not None:
+        parts.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "system" and i == 0:
+            continue
+        if role == "assistant":
+            if m.get("tool_calls"):
+                body = ("\n" + _content(m)) if _content(m) else ""
+                for call in m["tool_calls"]:
+                    call = call.get("function", call)
+                    body += (f'\n<tool_call>\n{{"name": "{call["name"]}", "arguments": '
+                             f'{_tojson(call.get("arguments", {}))}}}\n</tool_call>')
+                parts += [("<|im_start|>assistant", False), (body + "<|im_end|>", True),
+                          ("\n", False)]
+            else:
+                parts += [("<|im_start|>assistant\n", False),
+                          (_content(m) + "<|im_end|>", True), ("\n", False)]
+        elif role == "tool":
+            first = i == 0 or messages[i - 1]["role"] != "tool"
+            last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+            parts.append((("<|im_start|>user" if first else "") +
+                          f"\n<tool_response>\n{_content(m)}\n</tool_response>" +
+                          ("<|im_end|>\n" if last else ""), False))
+        else:
+            parts.append((f"<|im_start|>{role}\n{_content(m)}<|im_end|>\n", False))
+    if add_generation_prompt:
+        parts.append(("<|im_start|>assistant\n", False))
+    return parts
+
+
+def _gemma(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    system, turns = _split_system(messages)
+    _alternating(turns, "gemma")
+    # Gemma has no system role; like the Gemma 3 template, the system text opens the first turn.
+    prefix = f"{system}\n\n" if system is not None else ""
+    parts: list[Part] = [(bos, False)]
+    for i, m in enumerate(turns):
+        content = _content(m).strip()
+        if m["role"] == "user":
+            parts.append((f"<start_of_turn>user\n{prefix if i == 0 else ''}{content}"
+                          "<end_of_turn>\n", False))
+        else:
+            parts += [("<start_of_turn>model\n", False), (content + "<end_of_turn>", True),
+                      ("\n", False)]
+    if add_generation_prompt:
+        parts.append(("<start_of_turn>model\n", False))
+    return parts
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    "llama2": ChatFormat("llama2", _llama2),
+    "mistral": ChatFormat("mistral", _mistral),
+    "llama3": ChatFormat("llama3", _llama3, ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
+    "chatml": ChatFormat("chatml", _chatml, ("<|im_end|>", "<|endoftext|>")),
+    "qwen2": ChatFormat("qwen2", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_SYSTEM),
+    "qwen2.5": ChatFormat("qwen2.5", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_5_SYSTEM),
+    "gemma": ChatFormat("gemma", _gemma, ("<end_of_turn>",)),
+}
+
+
+def get_chat_format(name: str) -> ChatFormat:
+    """The chat format called ``name`` (see ``CHAT_FORMATS``), with a clear error otherwise."""
+    try:
+        return CHAT_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown chat_format {name!r}; choose one of "
+                         f"{', '.join(CHAT_FORMATS)}") from None
+
+
+def guess_chat_format(chat_template: str | None, token_strings: Sequence[str] = ()) -> str | None:
+    """Name of the chat format an HF ``chat_template`` follows (markers it contains), else a
+    guess from the tokenizer's special tokens; None when nothing matches."""
+    template = chat_template or ""
+    tokens = set(token_strings)
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    if "<|im_start|>" in template:
+        if QWEN2_5_SYSTEM in template:
+            return "qwen2.5"
+        if f"system\\n{QWEN2_SYSTEM}" in template or f"system\n{QWEN2_SYSTEM}" in template:
+            return "qwen2"
+        return "chatml"
+    if "<start_of_turn>" in template:
+        return "gemma"
+    if "[INST]" in template:
+        return "llama2" if "<<SYS>>" in template else "mistral"
+    if template:
+        log.warning("chat_template matches none of the known formats; guessing from tokens")
+    for marker, name in (("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"),
+                         ("<start_of_turn>", "gemma"), ("[INST]", "mistral")):
+        if marker in tokens:
+            return name
+    return None

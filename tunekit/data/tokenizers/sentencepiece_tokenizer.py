@@ -1,0 +1,90 @@
+"""Sentencepiece tokenizer (Llama 2, Mistral, Gemma ``tokenizer.model``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from tunekit.data.tokenizers.base import BaseTokenizer
+from tunekit.data.tokenizers.chat_formats import ChatFormat
+
+
+def _char_starts(text: str, byte_starts: list[int]) -> list[int]:
+    """UTF-8 byte offsets into ``text`` -> character offsets."""
+    char_at = []
+    for i, ch in enumerate(text):
+        char_at.extend([i] * len(ch.encode("utf-8")))
+    char_at.append(len(text))
+    return [char_at[min(b, len(char_at) - 1)] for b in byte_starts]
+
+
+class SentencePieceTokenizer(BaseTokenizer):
+    """A sentencepiece model with HF's handling of special tokens around it.
+
+    Like transformers (``legacy=False``, Metaspace ``prepend_scheme="first"``), the dummy prefix
+    space is added only to text at the very start of the input, not to text that follows a
+    special token such as ``<s>`` or ``<start_of_turn>``, and not when the text already starts
+    with a space (so, as in HF, ``decode(encode(" x"))`` loses that leading space).
+
+    ``added_tokens`` adds/overrides token strings -> ``(id, special)`` (from
+    ``tokenizer_config.json``); control and user-defined pieces of the model are always added.
+    """
+
+    def __init__(self, path: str | Path, *, added_tokens: dict[str, tuple[int, bool]] | None = None,
+                 bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, chat_format: ChatFormat | None = None,
+                 max_seq_len: int | None = None):
+        path = Path(path)
+        try:
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(path.read_bytes())
+            self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        except Exception as e:  # protobuf and sentencepiece raise assorted types
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        self._dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+        proto.normalizer_spec.add_dummy_prefix = False
+        self._sp_inner = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        sp = self._sp
+
+        tokens: dict[str, int] = {}
+        special: set[int] = set()
+        for i in range(sp.get_piece_size()):
+            if sp.is_control(i) or sp.is_unknown(i):
+                tokens[sp.id_to_piece(i)] = i
+                special.add(i)
+            elif proto.pieces[i].type == proto.pieces[i].USER_DEFINED:
+                tokens[sp.id_to_piece(i)] = i
+        for content, (idx, is_special) in (added_tokens or {}).items():
+            tokens[content] = idx
+            (special.add if is_special else special.discard)(idx)
+
+        def token_id(name: str | None, default: int, role: str) -> int | None:
+            if name is None:
+                return default if default >= 0 else None
+            if name in tokens:
+                return tokens[name]
+            raise ValueError(f"{path}: {role} {name!r} is not a token of this model")
+
+        eos_id = token_id(eos_token, sp.eos_id(), "eos_token")
+        if eos_id is None:
+            raise ValueError(f"{path}: the model has no EOS piece; set eos_token in "
+                             "tokenizer_config.json")
+        pad_id = token_id(pad_token, sp.pad_id(), "pad_token")
+        super().__init__(added_tokens=tokens, special_ids=special,
+                         bos_id=token_id(bos_token, sp.bos_id(), "bos_token"), eos_id=eos_id,
+                         pad_id=eos_id if pad_id is None else pad_id,
+                         vocab_size=max([sp.get_piece_size() - 1, *tokens.values()]) + 1,
+                         chat_format=chat_format, max_seq_len=max_seq_len)
+
+    def _encode_chunk(self, text, at_start, offsets):
+        # HF's Metaspace prepends "▁" only when the text does not already start with a space.
+        sp = self._sp if at_start and not text.startswith(" ") else self._sp_inner
+        if not offsets:
+            return sp.encode(text), None
+        pieces = sp.encode(text, return_type="proto").pieces
+        return [p.id for p in pieces], _char_starts(text, [p.begin for p in pieces])
+
+    def _decode_chunk(self, ids, at_start):
+        return (self._sp if at_start else self._sp_inner).decode(ids)
