@@ -79,14 +79,15 @@ def _split_system(messages: list[Message]) -> tuple[str | None, list[Message]]:
 def _llama2(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
     system, turns = _split_system(messages)
     _alternating(turns, "llama2")
-    prefix = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n" if system is not None else ""
     parts: list[Part] = []
     for i, m in enumerate(turns):
+        content = _content(m)
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
         if m["role"] == "user":
-            content = (prefix if i == 0 else "") + _content(m).strip()
-            parts.append((f"{bos}[INST] {content} [/INST]", False))
+            parts.append((f"{bos}[INST] {content.strip()} [/INST]", False))
         else:
-            parts.append((f" {_content(m).strip()} {eos}", True))
+            parts.append((f" {content.strip()} {eos}", True))
     return parts
 
 
