@@ -190,7 +190,7 @@ def _open(source, split: str, val_fraction: float, seed: int, text_split: str, h
 
 
 def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, long_examples, split,
-         val_fraction, seed, skip_bad_rows, text_split, hf_kwargs):
+         val_fraction, seed, skip_bad_rows, text_split, num_workers, hf_kwargs):
     rows, indices = _open(source, split, val_fraction, seed, text_split, hf_kwargs)
     if not packed:
         if long_examples != "truncate":
@@ -203,14 +203,16 @@ def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, l
 
     base = SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input,
                       max_seq_len=max_seq_len, indices=indices)
-    return pack_dataset(base, max_seq_len, long_examples=long_examples, skip_bad_rows=skip_bad_rows)
+    return pack_dataset(base, max_seq_len, long_examples=long_examples, skip_bad_rows=skip_bad_rows,
+                        num_workers=num_workers)
 
 
 def instruct_dataset(tokenizer, source, *, format: str = "alpaca", column_map: Mapping[str, str] | None = None,
                      system_prompt: str | None = None, train_on_input: bool = False,
                      max_seq_len: int | None = None, packed: bool = False, long_examples: str = "truncate",
                      split: str = "train", val_fraction: float = 0.0, seed: int = 0,
-                     skip_bad_rows: bool = False, text_split: str = "file", **hf_kwargs):
+                     skip_bad_rows: bool = False, text_split: str = "file", num_workers: int = 1,
+                     **hf_kwargs):
     """Single-turn instruction data. ``format``: ``"alpaca"`` (instruction/input/output with the
     Alpaca prompt) or ``"input_output"`` (input -> user, output -> assistant, optional system)."""
     if format == "alpaca":
@@ -221,13 +223,14 @@ def instruct_dataset(tokenizer, source, *, format: str = "alpaca", column_map: M
         raise ValueError(f"instruct_dataset format must be 'alpaca' or 'input_output', got {format!r}")
     return _sft(tokenizer, source, transform, train_on_input=train_on_input, max_seq_len=max_seq_len,
                 packed=packed, long_examples=long_examples, split=split, val_fraction=val_fraction,
-                seed=seed, skip_bad_rows=skip_bad_rows, text_split=text_split, hf_kwargs=hf_kwargs)
+                seed=seed, skip_bad_rows=skip_bad_rows, text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
 
 
 def chat_dataset(tokenizer, source, *, format: str = "openai", column_map: Mapping[str, str] | None = None,
                  train_on_input: bool = False, max_seq_len: int | None = None, packed: bool = False,
                  long_examples: str = "truncate", split: str = "train", val_fraction: float = 0.0,
-                 seed: int = 0, skip_bad_rows: bool = False, text_split: str = "file", **hf_kwargs):
+                 seed: int = 0, skip_bad_rows: bool = False, text_split: str = "file", num_workers: int = 1,
+                     **hf_kwargs):
     """Multi-turn conversations. ``format``: ``"openai"`` (``messages`` with role/content) or
     ``"sharegpt"`` (``conversations`` with from/value)."""
     transforms = {"openai": OpenAIToMessages, "sharegpt": ShareGPTToMessages}
@@ -236,20 +239,20 @@ def chat_dataset(tokenizer, source, *, format: str = "openai", column_map: Mappi
     return _sft(tokenizer, source, transforms[format](column_map), train_on_input=train_on_input,
                 max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
                 val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
-                text_split=text_split, hf_kwargs=hf_kwargs)
+                text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
 
 
 def text_completion_dataset(tokenizer, source, *, column_map: Mapping[str, str] | None = None,
                             max_seq_len: int | None = None, packed: bool = False,
                             long_examples: str = "truncate", split: str = "train",
                             val_fraction: float = 0.0, seed: int = 0, skip_bad_rows: bool = False,
-                            text_split: str = "file", **hf_kwargs):
+                            text_split: str = "file", num_workers: int = 1, **hf_kwargs):
     """Plain text for continued pretraining: every token after BOS is a target. ``.txt`` files are
     one document per file (``text_split="file"``) or per blank-line separated block (``"paragraph"``)."""
     return _sft(tokenizer, source, TextToDocument(column_map), train_on_input=True,
                 max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
                 val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
-                text_split=text_split, hf_kwargs=hf_kwargs)
+                text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
 
 
 def preference_dataset(tokenizer, source, *, column_map: Mapping[str, str] | None = None,

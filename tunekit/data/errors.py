@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 
 class DataError(ValueError):
     """A row of a dataset is malformed.
@@ -17,6 +19,9 @@ class DataError(ValueError):
         self.field = field
         parts = [p for p in (where, f"field {field!r}" if field else None, message) if p]
         super().__init__(": ".join(parts))
+
+    def __reduce__(self):  # keep location and field across processes (packing workers)
+        return functools.partial(DataError, where=self.where, field=self.field), (self.reason,)
 
     def at(self, where: str) -> "DataError":
         """The same error located at ``where`` (kept as-is when it already has a location)."""

@@ -15,6 +15,7 @@ next-token target); only the last token of the whole document gets -100.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 from array import array
 from collections.abc import Sequence
 from typing import Any
@@ -103,16 +104,12 @@ class PackedDataset(torch.utils.data.Dataset):
         return packed_collate(batch, self.pad_id, self.max_seq_len)
 
 
-def tokenize_flat(dataset: SFTDataset, *, truncate_to: int | None = None, skip_bad_rows: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Tokenize every item of ``dataset`` into flat arrays.
-
-    Returns (tokens int64[n], labels int64[n], doc_lengths int64[d], skipped row messages). With
-    ``truncate_to`` documents are cut before their labels are computed.
-    """
+def _tokenize_range(dataset: SFTDataset, lo: int, hi: int, truncate_to: int | None,
+                    skip_bad_rows: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Items lo..hi-1 as flat arrays (tokens int64, mask int8, lengths int64) + skipped rows."""
     tokens, masks, lengths = array("q"), array("b"), array("q")
     skipped = []
-    for i in range(len(dataset)):
+    for i in range(lo, hi):
         try:
             toks, mask = dataset.tokenize(i)
         except DataError as e:
@@ -123,27 +120,75 @@ def tokenize_flat(dataset: SFTDataset, *, truncate_to: int | None = None, skip_b
         if truncate_to is not None and len(toks) > truncate_to:
             toks = toks[:truncate_to]
             mask = None if mask is None else mask[:truncate_to]
-        tokens.extend(toks)
-        if mask is None:
-            masks.extend(bytes(len(toks)))
-        else:
-            masks.extend(mask)
+        tokens.extend(toks)  # C-level copies: no per-token Python work in this loop
+        masks.extend(bytes(len(toks)) if mask is None else mask)
         lengths.append(len(toks))
-    tokens_np = np.frombuffer(tokens, dtype=np.int64) if tokens else np.zeros(0, np.int64)
-    mask_np = np.frombuffer(masks, dtype=np.int8).astype(bool) if masks else np.zeros(0, bool)
-    lengths_np = np.frombuffer(lengths, dtype=np.int64) if lengths else np.zeros(0, np.int64)
-    labels = shift_labels_flat(tokens_np, mask_np, np.cumsum(lengths_np))
-    return tokens_np, labels, lengths_np, skipped
+    return (np.frombuffer(tokens, np.int64).copy() if tokens else np.zeros(0, np.int64),
+            np.frombuffer(masks, np.int8).copy() if masks else np.zeros(0, np.int8),
+            np.frombuffer(lengths, np.int64).copy() if lengths else np.zeros(0, np.int64), skipped)
+
+
+def _tokenize_range_to_pipe(dataset, lo, hi, truncate_to, skip_bad_rows, conn) -> None:
+    try:
+        conn.send(_tokenize_range(dataset, lo, hi, truncate_to, skip_bad_rows))
+    except BaseException as e:  # re-raised in the parent
+        conn.send(e)
+    finally:
+        conn.close()
+
+
+def tokenize_flat(dataset: SFTDataset, *, truncate_to: int | None = None, skip_bad_rows: bool = False,
+                  num_workers: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Tokenize every item of ``dataset`` into flat arrays.
+
+    Returns (tokens int64[n], labels int64[n], doc_lengths int64[d], skipped row messages). With
+    ``truncate_to`` documents are cut before their labels are computed. ``num_workers > 1`` splits
+    the items into contiguous ranges tokenized by forked processes (the parent takes the first),
+    so the result is identical to ``num_workers=1``.
+    """
+    n = len(dataset)
+    bounds = np.linspace(0, n, max(1, num_workers) + 1).astype(int).tolist()
+    children = []
+    if num_workers > 1 and n >= 2 * num_workers and "fork" in mp.get_all_start_methods():
+        ctx = mp.get_context("fork")  # workers inherit the dataset and tokenizer, nothing is pickled
+        for lo, hi in zip(bounds[1:-1], bounds[2:]):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_tokenize_range_to_pipe, daemon=True,
+                               args=(dataset, lo, hi, truncate_to, skip_bad_rows, send))
+            proc.start()
+            send.close()
+            children.append((proc, recv))
+    else:
+        bounds = [0, n]
+    try:
+        parts = [_tokenize_range(dataset, bounds[0], bounds[1], truncate_to, skip_bad_rows)]
+        for proc, recv in children:
+            result = recv.recv()
+            if isinstance(result, BaseException):
+                raise result
+            parts.append(result)
+    finally:
+        for proc, recv in children:
+            recv.close()
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    tokens = np.concatenate([p[0] for p in parts])
+    mask = np.concatenate([p[1] for p in parts]).astype(bool)
+    lengths = np.concatenate([p[2] for p in parts])
+    labels = shift_labels_flat(tokens, mask, np.cumsum(lengths))
+    return tokens, labels, lengths, [s for p in parts for s in p[3]]
 
 
 def pack_dataset(dataset: SFTDataset, max_seq_len: int, *, long_examples: str = "truncate",
-                 skip_bad_rows: bool = False) -> PackedDataset:
-    """Tokenize all of ``dataset`` and pack it into rows of at most ``max_seq_len`` tokens."""
+                 skip_bad_rows: bool = False, num_workers: int = 1) -> PackedDataset:
+    """Tokenize all of ``dataset`` (in ``num_workers`` processes) and pack it into rows of at most
+    ``max_seq_len`` tokens."""
     if long_examples not in ("truncate", "split"):
         raise ValueError(f"long_examples must be 'truncate' or 'split', got {long_examples!r}")
     tokens, labels, lengths, skipped = tokenize_flat(
         dataset, truncate_to=max_seq_len if long_examples == "truncate" else None,
-        skip_bad_rows=skip_bad_rows)
+        skip_bad_rows=skip_bad_rows, num_workers=num_workers)
     if long_examples == "split":
         lengths = split_lengths(lengths, max_seq_len)
     packed = PackedDataset(tokens, labels, lengths, max_seq_len, dataset.tokenizer.pad_id)
