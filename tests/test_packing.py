@@ -184,3 +184,18 @@ def test_packed_loss_equals_unpacked_with_tunekit_model(chat_file, tmp_path):
         loss_unpacked = mean_loss(model, unpacked.collate([unpacked[i] for i in range(len(unpacked))]))
         loss_packed = mean_loss(model, packed.collate([packed[i] for i in range(len(packed))]))
     torch.testing.assert_close(loss_packed, loss_unpacked, rtol=1e-10, atol=1e-10)
+
+
+def test_worker_processes_give_identical_packing_and_located_errors(chat_file, tmp_path):
+    one = chat_dataset(TOK, chat_file, max_seq_len=S, packed=True)
+    two = chat_dataset(TOK, chat_file, max_seq_len=S, packed=True, num_workers=2)
+    assert torch.equal(one.tokens, two.tokens) and torch.equal(one.labels, two.labels)
+    assert torch.equal(one.doc_lengths, two.doc_lengths) and len(one) == len(two)
+    lines = chat_file.read_text().splitlines()
+    lines[50] = '{"messages": [{"role": "user", "content": "only a question"}]}'  # in the worker's half
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception, match=rf"bad.jsonl:51: field 'messages': conversation has no assistant"):
+        chat_dataset(TOK, bad, max_seq_len=S, packed=True, num_workers=2)
+    skipped = chat_dataset(TOK, bad, max_seq_len=S, packed=True, num_workers=2, skip_bad_rows=True)
+    assert skipped.num_skipped == 1 and skipped.num_documents == 59

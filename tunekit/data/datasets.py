@@ -134,7 +134,12 @@ class SFTDataset(RowDataset):
     def tokenize(self, i: int) -> tuple[list[int], list[bool] | None]:
         """Untruncated tokens and mask (True = not trained on, None = all trained) of item ``i``."""
         item = self.transformed(i)
-        tokens, mask = tokenize_item(self.tokenizer, item, self.train_on_input)
+        try:
+            tokens, mask = tokenize_item(self.tokenizer, item, self.train_on_input)
+        except DataError:
+            raise
+        except ValueError as e:  # e.g. the chat format rejects the conversation
+            raise DataError(f"tokenizer: {e}", where=self.where(i)) from None
         if not tokens:
             raise DataError("tokenizes to no tokens", where=self.where(i))
         return tokens, mask
