@@ -1,0 +1,49 @@
+"""How tunekit reports mistakes a user can fix: one line per problem, naming the key and the fix."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import sys
+from collections.abc import Iterable, Iterator
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config, its overrides, or a recipe/config name.
+
+    ``problems`` holds one line per problem; ``str(err)`` lists them all.
+    """
+
+    def __init__(self, problems: str | Iterable[str], source: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        if len(self.problems) == 1:
+            return where + self.problems[0]
+        lines = [f"{where}{len(self.problems)} problems"] + [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean X?"`` for the closest candidate, or ``""`` when nothing is close."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+@contextlib.contextmanager
+def exit_on_user_error(*error_types: type[BaseException]) -> Iterator[None]:
+    """Turn the given exceptions into ``tunekit: error: ...`` on stderr and exit code 2.
+
+    Set ``TUNEKIT_DEBUG=1`` to get the full traceback instead.
+    """
+    try:
+        yield
+    except error_types as e:
+        if os.environ.get("TUNEKIT_DEBUG") == "1":
+            raise
+        print(f"tunekit: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
