@@ -1,0 +1,300 @@
+"""Distributed set-up for the recipes: process group, FSDP2 sharding, full-state-dict in/out,
+gradient accumulation without redundant reductions, global gradient clipping and global
+token-count loss normalisation, rank-zero logging.
+
+Launch with torchrun (``tunekit run --nproc_per_node N <recipe>_distributed ...``); every function
+also works in a plain single process (world size 1). Model code never sees any of this: sharding is
+applied from outside on ``model.layers`` and the root module.
+
+Gradient reduction convention (see ``shard_model``): FSDP reduces gradients with a plain SUM over
+ranks (divide factor 1) and every rank scales its summed token loss by ``1 / global_token_count``.
+The gradient is then exactly d(sum of token losses over all ranks and micro-batches) / N, the
+single-process math, with no multiply-by-world-size / divide-by-world-size round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_distributed() -> bool:
+    """True when a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size_and_rank() -> tuple[int, int]:
+    """(world_size, rank) of the default process group, (1, 0) without one."""
+    if is_distributed():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def is_rank_zero() -> bool:
+    return get_world_size_and_rank()[1] == 0
+
+
+def local_device(device: torch.device | str) -> torch.device:
+    """The device this process computes on: ``cuda:LOCAL_RANK`` (any accelerator) for an
+    accelerator type, the device itself for CPU."""
+    device = torch.device(device)
+    if device.type == "cpu" or device.index is not None:
+        return device
+    return torch.device(device.type, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device | str, *, timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Initialise the default process group for ``device`` and return (rank, world_size).
+
+    The backend follows the device type (nccl on CUDA, xccl on XPU, gloo on CPU). Under torchrun
+    the rendezvous comes from its environment; in a plain ``python`` process a one-process group
+    is created on a free local port so the same recipe code runs unchanged. On an accelerator the
+    current device becomes ``LOCAL_RANK``; on CPU each rank gets ``cores // local_world_size``
+    threads so ranks sharing a machine do not oversubscribe its cores. Idempotent.
+    """
+    device = torch.device(device)
+    if not dist.is_available():
+        raise RuntimeError("init_distributed: this torch build has no torch.distributed support")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type != "cpu":
+        if not torch.accelerator.is_available() or torch.accelerator.current_accelerator().type != device.type:
+            raise ValueError(f"init_distributed: device '{device}' is not available on this machine; use device=cpu")
+        if local_rank >= torch.accelerator.device_count():
+            raise ValueError(
+                f"init_distributed: LOCAL_RANK={local_rank} but only {torch.accelerator.device_count()} "
+                f"{device.type} devices are visible; lower --nproc_per_node"
+            )
+        torch.accelerator.set_device_index(local_rank)
+    else:
+        torch.set_num_threads(max(1, _available_cores() // max(1, local_world_size)))
+
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    backend = dist.get_default_backend_for_device(device)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if all(v in os.environ for v in _TORCHRUN_VARS):
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def destroy_distributed() -> None:
+    """Tear down the default process group (no-op without one); call at the end of a recipe."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def log_rank_zero(logger: logging.Logger, message: str, level: int = logging.INFO) -> None:
+    """Log ``message`` on rank 0 only, so N ranks do not print N copies."""
+    if is_rank_zero():
+        logger.log(level, message)
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    mp_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Shard ``model`` with FSDP2 in place: each of ``model.layers`` is one FSDP unit (its
+    parameters are all-gathered just for its forward/backward), the rest (embedding, final norm,
+    output) belongs to the root unit. Returns ``model``.
+
+    Args:
+        mp_dtype: compute dtype (e.g. torch.bfloat16); parameters keep their stored dtype and are
+            cast when gathered. None = compute in the stored dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter (fp32 keeps sums exact-ish in bf16 runs).
+        reshard_after_forward: free gathered layer weights after forward (ZeRO-3); False keeps
+            them until backward (ZeRO-2 like: more memory, fewer all-gathers).
+        activation_checkpointing: recompute each layer's activations in backward; applied before
+            sharding via ``tunekit.training.activation_checkpointing``.
+        cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
+
+    Gradients are reduced as a SUM over ranks (see the module docstring): scale each rank's
+    summed loss by ``1 / global_token_count(...)``.
+    Works on meta-device models (then load weights with ``load_full_state_dict``) and on models
+    holding frozen NF4 (QLoRA) weights.
+    """
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"shard_model: {type(model).__name__} has no non-empty nn.ModuleList `layers`; "
+            "the model contract requires decoder layers in model.layers"
+        )
+    if isinstance(model, FSDPModule):
+        raise ValueError("shard_model: the model is already sharded; call shard_model once")
+    if not is_distributed():
+        raise RuntimeError("shard_model: no process group; call init_distributed(device) first")
+    _check_nf4_shardable(model, dist.get_world_size())
+    if activation_checkpointing:
+        from tunekit.training.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    kwargs: dict = {"reshard_after_forward": reshard_after_forward}
+    if mp_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=reduce_dtype)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in model.layers:
+        fully_shard(layer, **kwargs)
+    # The root's parameters (output projection) are needed right after the last layer's forward,
+    # so resharding them after forward would only add an all-gather.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+    for module in _fsdp_modules(model):
+        module.set_gradient_divide_factor(1.0)
+        # Without this a factor of 1 becomes ReduceOp.PREMUL_SUM, which gloo lacks; a plain SUM
+        # is also NCCL's zero-copy path.
+        module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _check_nf4_shardable(model: nn.Module, world_size: int) -> None:
+    # FSDP splits an NF4 weight along dim 0 together with its per-block scales; torchao asserts
+    # deep inside backward-of-forward if they do not divide evenly, so say it here instead.
+    for name, param in model.named_parameters():
+        if type(param.data) is torch.Tensor:
+            continue
+        from tunekit.modules.peft.nf4 import is_nf4
+
+        if not is_nf4(param):
+            continue
+        pieces = {"rows": param.shape[0], "absmax blocks": param.quantized_scalers.numel(),
+                  "second-level scale blocks": param.quantization_factor.numel()}
+        bad = [f"{n} ({v})" for n, v in pieces.items() if v % world_size]
+        if bad:
+            raise ValueError(
+                f"shard_model: NF4 weight '{name}' {list(param.shape)} cannot be split across {world_size} "
+                f"ranks: its {', '.join(bad)} are not divisible by {world_size}; use a world size that "
+                "divides them or leave this layer unquantized"
+            )
+
+
+def load_full_state_dict(
+    model: nn.Module,
+    full_state_dict: dict[str, torch.Tensor] | None,
+    *,
+    device: torch.device | str = "cpu",
+    from_rank0: bool = True,
+    strict: bool = True,
+) -> None:
+    """Load a full (unsharded, e.g. HF-loaded) state dict into a sharded model.
+
+    With ``from_rank0`` only rank 0 needs the tensors (other ranks pass None or {}): tensors are
+    broadcast one at a time and each rank keeps its shard, so no rank holds two full copies. A
+    model still on the meta device is first materialised on ``device`` (uninitialised); buffers
+    missing from the state dict (e.g. rotary caches) must then be re-initialised by the caller.
+    The caller's dict is left untouched (torch replaces the values of the dict it is given).
+    """
+    device = local_device(device)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=device)
+    world_size, rank = get_world_size_and_rank()
+    if from_rank0 and rank != 0:
+        state = {}
+    else:
+        if not full_state_dict:
+            raise ValueError(
+                f"load_full_state_dict: rank {rank} got an empty state dict; "
+                "pass the loaded checkpoint (on rank 0 at least)"
+            )
+        state = dict(full_state_dict)  # shallow: torch swaps the values, not the caller's tensors
+    options = StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=from_rank0 and world_size > 1, strict=strict
+    )
+    set_model_state_dict(model, state, options=options)
+
+
+def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full, unsharded CPU tensors on rank 0 ({} on other ranks), keyed by tunekit names, for
+    writing HF / PEFT checkpoints from rank 0. ``trainable_only`` keeps just the parameters with
+    ``requires_grad`` (LoRA adapters), which skips gathering the frozen base. Collective: call on
+    every rank."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    return state if is_rank_zero() else {}
+
+
+def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within this context backward accumulates local (unreduced) gradients: use it for every
+    micro-batch but the last of an accumulation step, which then reduces once. No-op on an
+    unsharded model or with ``enabled=False``."""
+    modules = _fsdp_modules(model) if enabled else []
+    for m in modules:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
+def global_token_count(labels: torch.Tensor | Iterable[torch.Tensor], ignore_index: int = -100) -> torch.Tensor:
+    """Number of labels != ``ignore_index`` over the given micro-batches (one tensor or a list of
+    ``labels`` [b, s]) summed over all ranks: the loss denominator of one optimizer step.
+    Returns an int64 scalar on the labels' device. Collective when distributed."""
+    if isinstance(labels, torch.Tensor):
+        labels = [labels]
+    labels = list(labels)
+    if not labels:
+        raise ValueError("global_token_count: no micro-batches given")
+    count = sum((lab != ignore_index).sum() for lab in labels).to(torch.int64)
+    if is_distributed():
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return count
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip gradients by their global L2 norm over all ranks' shards and return the norm before
+    clipping as a plain (non-DTensor) scalar tensor, ready for logging."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    total = nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if isinstance(total, DTensor):
+        # Sharded grads give a partial norm; full_tensor() reduces it to the global norm, so
+        # every rank clips with the same coefficient.
+        total = total.full_tensor()
+    nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
