@@ -1,0 +1,213 @@
+"""Chat formats: token ids equal HF ``apply_chat_template`` with each family's official template
+(tests/assets/chat_templates), and the mask trains exactly assistant content + end of turn."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_tokenizers import (  # noqa: F401  (fixtures are used by name)
+    QWEN2_PATTERN,
+    QWEN_SPECIALS,
+    TEMPLATES,
+    gemma_sp,
+    llama3_files,
+    llama_sp,
+    qwen_json,
+    train_bytelevel_bpe,
+    write_config,
+)
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from tunekit.data.tokenizers import CHAT_FORMATS, from_hf, get_chat_format
+
+CONVERSATIONS = {
+    "one_turn": [{"role": "user", "content": "What is 2+2?"},
+                 {"role": "assistant", "content": "It is 4."}],
+    "system_multi_turn": [
+        {"role": "system", "content": "You are terse. Answer in one line."},
+        {"role": "user", "content": "Translate 'cat' to Japanese 🐱"},
+        {"role": "assistant", "content": "猫 (neko)"},
+        {"role": "user", "content": "  And dog?\n"},
+        {"role": "assistant", "content": "犬 (inu)\n\nDone 👍  "},
+    ],
+    "prompt_only": [{"role": "user", "content": "Write a haiku about tabs\tand  spaces."}],
+}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris and Tokyo?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "東京"}}}]},
+    {"role": "tool", "content": "{\"temp\": 21}"},
+    {"role": "tool", "content": "{\"temp\": 18}"},
+    {"role": "assistant", "content": "Paris 21°C, Tokyo 18°C."},
+]
+
+# What each assistant turn trains on: its content and the end-of-turn marker.
+TRAINED_TEXT = {
+    "llama2": lambda m, eos: f"{m['content'].strip()} {eos}",
+    "mistral": lambda m, eos: f"{m['content']}{eos}",
+    "llama3": lambda m, eos: m["content"].strip() + "<|eot_id|>",
+    "qwen2.5": lambda m, eos: m["content"] + "<|im_end|>",
+    "gemma": lambda m, eos: m["content"].strip() + "<end_of_turn>",
+}
+
+
+def hf_chat_ids(hf, messages, add_generation_prompt, tools=None) -> list[int]:
+    out = hf.apply_chat_template(messages, tokenize=True, tools=tools,
+                                 add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def trained_runs(tokens, mask) -> list[list[int]]:
+    runs, run = [], []
+    for t, masked in zip(tokens, mask):
+        if not masked:
+            run.append(t)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + ([run] if run else [])
+
+
+def check_chat(tok, hf, fmt, messages, add_generation_prompt=False, tools=None):
+    tokens, mask = tok.tokenize_messages(messages, add_generation_prompt=add_generation_prompt,
+                                         tools=tools)
+    assert tokens == hf_chat_ids(hf, messages, add_generation_prompt, tools)
+    assert len(mask) == len(tokens)
+    eos = tok.decode([tok.eos_id], skip_special_tokens=False)
+    expected = [TRAINED_TEXT[fmt](m, eos) for m in messages
+                if m["role"] == "assistant" and not m.get("tool_calls")]
+    got = [tok.decode(run, skip_special_tokens=False) for run in trained_runs(tokens, mask)]
+    got = [g for g in got if "<tool_call>" not in g]
+    assert [g.strip() for g in got] == [e.strip() for e in expected]
+    return tokens, mask
+
+
+def saved_checkpoint(hf, folder):
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama3_pair(llama3_files, tmp_path_factory):
+    root, converted = llama3_files
+    hf = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<|begin_of_text|>",
+                                 eos_token="<|eot_id|>",
+                                 chat_template=(TEMPLATES / "llama3.jinja").read_text())
+    folder = saved_checkpoint(hf, tmp_path_factory.mktemp("llama3_ckpt"))
+    return from_hf(folder), hf
+
+
+@pytest.fixture(scope="module", params=["tiktoken_derived", "trained"])
+def qwen_pair(request, qwen_json, tmp_path_factory):
+    if request.param == "trained":  # exercises the tokenizers-library fallback
+        backend = train_bytelevel_bpe(QWEN2_PATTERN, QWEN_SPECIALS, nfc=True)
+    else:
+        backend = qwen_json[1]
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                 pad_token="<|endoftext|>",
+                                 chat_template=(TEMPLATES / "qwen2_5.jinja").read_text())
+    folder = saved_checkpoint(hf, tmp_path_factory.mktemp("qwen_ckpt"))
+    return from_hf(folder), hf
+
+
+def sp_pair(source, tmp_path_factory, template):
+    folder = tmp_path_factory.mktemp(template)
+    shutil.copy(source / "tokenizer.model", folder / "tokenizer.model")
+    config = AutoTokenizer.from_pretrained(source).init_kwargs
+    write_config(folder, **{k: v for k, v in config.items() if isinstance(v, (str, bool))
+                            and k not in ("name_or_path", "vocab_file")},
+                 chat_template=(TEMPLATES / f"{template}.jinja").read_text())
+    return from_hf(folder), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+@pytest.mark.parametrize("gen", [False, True])
+def test_llama3(llama3_pair, name, gen):
+    tok, hf = llama3_pair
+    assert tok.chat_format.name == "llama3"
+    check_chat(tok, hf, "llama3", CONVERSATIONS[name], gen)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+@pytest.mark.parametrize("gen", [False, True])
+def test_qwen2_5(qwen_pair, name, gen):
+    tok, hf = qwen_pair
+    assert tok.chat_format.name == "qwen2.5"
+    check_chat(tok, hf, "qwen2.5", CONVERSATIONS[name], gen)
+
+
+@pytest.mark.parametrize("with_system", [False, True])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_qwen2_5_tool_calls(qwen_pair, with_system, tools):
+    tok, hf = qwen_pair
+    system = [{"role": "system", "content": "Use tools."}] if with_system else []
+    tokens, mask = check_chat(tok, hf, "qwen2.5", system + TOOL_CONVERSATION, tools=tools)
+    runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(tokens, mask)]
+    assert runs[0] == ('\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                       '\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": '
+                       '{"city": "東京"}}\n</tool_call><|im_end|>')
+
+
+@pytest.mark.parametrize("fmt", ["llama2", "mistral"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_inst_formats(llama_sp, tmp_path_factory, fmt, name):
+    tok, hf = sp_pair(llama_sp, tmp_path_factory, fmt)
+    assert tok.chat_format.name == fmt
+    check_chat(tok, hf, fmt, CONVERSATIONS[name])
+
+
+@pytest.mark.parametrize("name", ["one_turn", "prompt_only"])
+@pytest.mark.parametrize("gen", [False, True])
+def test_gemma(gemma_sp, tmp_path_factory, name, gen):
+    tok, hf = sp_pair(gemma_sp, tmp_path_factory, "gemma")
+    assert tok.chat_format.name == "gemma"
+    check_chat(tok, hf, "gemma", CONVERSATIONS[name], gen)
+    multi = CONVERSATIONS["system_multi_turn"]
+    # Gemma has no system role: like Gemma 3, the system text opens the first user turn.
+    folded = [{"role": "user", "content": f"{multi[0]['content']}\n\n{multi[1]['content']}"}]
+    ours = tok.tokenize_messages(multi)
+    assert ours[0] == hf_chat_ids(hf, folded + multi[2:], False)
+
+
+def test_llama3_tool_messages_use_ipython_role(llama3_pair):
+    tok, _ = llama3_pair
+    msgs = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {
+                "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "21C"},
+            {"role": "assistant", "content": "It is 21C."}]
+    tokens, mask = tok.tokenize_messages(msgs)
+    text = tok.decode(tokens, skip_special_tokens=False)
+    assert ("<|start_header_id|>ipython<|end_header_id|>\n\n21C<|eot_id|>" in text)
+    runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(tokens, mask)]
+    assert runs == ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
+                    "It is 21C.<|eot_id|>"]
+
+
+def test_max_seq_len_truncates_tokens_and_mask(qwen_pair):
+    tok, _ = qwen_pair
+    full_tokens, full_mask = tok.tokenize_messages(CONVERSATIONS["system_multi_turn"])
+    tok.max_seq_len = 20
+    try:
+        tokens, mask = tok.tokenize_messages(CONVERSATIONS["system_multi_turn"])
+    finally:
+        tok.max_seq_len = None
+    assert (tokens, mask) == (full_tokens[:20], full_mask[:20])
+
+
+def test_bad_conversations_raise_clear_errors(llama_sp, tmp_path_factory):
+    tok, _ = sp_pair(llama_sp, tmp_path_factory, "llama2")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        tok.tokenize_messages([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].role: unknown role 'bot'"):
+        tok.tokenize_messages([{"role": "bot", "content": "hi"}])
+    with pytest.raises(ValueError, match="only user/assistant turns"):
+        tok.tokenize_messages([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    assert set(CHAT_FORMATS) >= {"llama2", "llama3", "mistral", "chatml", "qwen2.5", "gemma"}
+    with pytest.raises(ValueError, match="unknown chat_format"):
+        get_chat_format("alpaca")
