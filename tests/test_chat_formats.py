@@ -48,8 +48,8 @@ TOOL_CONVERSATION = [
 
 # What each assistant turn trains on: its content and the end-of-turn marker.
 TRAINED_TEXT = {
-    "llama2": lambda m, eos: f"{m['content'].strip()} {eos}",
-    "mistral": lambda m, eos: f"{m['content']}{eos}",
+    "llama2": lambda m, eos: f" {m['content'].strip()} {eos}",
+    "mistral": lambda m, eos: f" {m['content']}{eos}",
     "llama3": lambda m, eos: m["content"].strip() + "<|eot_id|>",
     "qwen2.5": lambda m, eos: m["content"] + "<|im_end|>",
     "gemma": lambda m, eos: m["content"].strip() + "<end_of_turn>",
@@ -83,7 +83,8 @@ def check_chat(tok, hf, fmt, messages, add_generation_prompt=False, tools=None):
                 if m["role"] == "assistant" and not m.get("tool_calls")]
     got = [tok.decode(run, skip_special_tokens=False) for run in trained_runs(tokens, mask)]
     got = [g for g in got if "<tool_call>" not in g]
-    assert [g.strip() for g in got] == [e.strip() for e in expected]
+    # exact text; only sentencepiece's decode drops the space that starts a decoded run
+    assert got == [e.lstrip(" ") for e in expected]
     return tokens, mask
 
 
