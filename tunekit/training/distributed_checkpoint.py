@@ -28,7 +28,7 @@ def save_sharded_state(directory: str | os.PathLike, model: nn.Module, optimizer
     Collective: call on every rank with the same directory."""
     directory = Path(directory)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory, no_dist=not is_distributed())
     if get_world_size_and_rank()[1] == 0:
         torch.save(dict(extra or {}), directory / EXTRA_FILE)
     if is_distributed():
@@ -47,6 +47,6 @@ def load_sharded_state(directory: str | os.PathLike, model: nn.Module,
         )
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=directory)
+    dcp.load(state, checkpoint_id=directory, no_dist=not is_distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return torch.load(directory / EXTRA_FILE, weights_only=True)

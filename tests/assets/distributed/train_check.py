@@ -162,8 +162,11 @@ def check_bf16(rank, world_size, results):
 def check_resume(rank, world_size, out, load_from, results):
     model, opt, ref, ref_opt, _, _ = check_training(rank, world_size, results)
     save_sharded_state(out / "dcp_saved", model, opt, extra={"step": STEPS, "note": "hello"})
+    # what a resume must reproduce exactly: the sharded run's own state, gathered
+    full = gather_full_state_dict(model)
+    optim_full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save({"model": ref.state_dict(), "optimizer": ref_opt.state_dict()}, out / "expected_saved.pt")
+        torch.save({"model": full, "optimizer": optim_full["state"]}, out / "expected_saved.pt")
     if load_from is None:
         return
     # resume a checkpoint written by a different number of processes (the test wrote it from one)
