@@ -43,11 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _config_settings(path: Path) -> dict:
     from omegaconf import OmegaConf
 
-    try:  # tunekit.config registers the ${asset:...} resolver when present
-        from tunekit.config import load as load_config  # type: ignore[attr-defined]
-        cfg = load_config(path)
-    except ImportError:
-        cfg = OmegaConf.load(path)
+    from tunekit.config import instantiate, load
+
+    cfg = load(path)  # also registers the ${asset:...} resolver
     if "dataset" not in cfg:
         raise ValueError(f"{path}: no 'dataset' key; pass data files instead")
     ds = cfg.dataset
@@ -68,7 +66,6 @@ def _config_settings(path: Path) -> dict:
         settings["eval"] = OmegaConf.to_container(cfg.eval_dataset.source, resolve=True)
     if cfg.get("tokenizer"):
         try:
-            from tunekit.config import instantiate  # type: ignore[attr-defined]
             settings["tokenizer"] = instantiate(cfg.tokenizer)
         except Exception as e:  # the report still works with word counts
             print(f"note: could not build the config's tokenizer ({e}); counting words", file=sys.stderr)
