@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -149,9 +150,57 @@ def test_qwen2_5_tool_calls(qwen_pair, with_system, tools):
     system = [{"role": "system", "content": "Use tools."}] if with_system else []
     tokens, mask = check_chat(tok, hf, "qwen2.5", system + TOOL_CONVERSATION, tools=tools)
     runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(tokens, mask)]
-    assert runs[0] == ('\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert runs[0] == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
                        '\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": '
                        '{"city": "東京"}}\n</tool_call><|im_end|>')
+
+
+QWEN3_CONVERSATIONS = {
+    "think_multi_turn": [
+        {"role": "system", "content": "Think first."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "<think>\nagain\n</think>\n\n6"},
+    ],
+    "reasoning_field": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "reasoning_content": "greet back"},
+    ],
+    "no_think": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    "tools": TOOL_CONVERSATION[:1] + [dict(TOOL_CONVERSATION[1], content="Checking.")] + [
+        {"role": "tool", "content": "{\"temp\": 21}"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "content": "{\"temp\": 3}"},
+        {"role": "assistant", "content": "<think>\ndone\n</think>\n\nAll good."}],
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_pair(qwen_json, tmp_path_factory):
+    hf = PreTrainedTokenizerFast(tokenizer_object=qwen_json[1], eos_token="<|im_end|>",
+                                 pad_token="<|endoftext|>",
+                                 chat_template=(TEMPLATES / "qwen3.jinja").read_text())
+    folder = saved_checkpoint(hf, tmp_path_factory.mktemp("qwen3_ckpt"))
+    return from_hf(folder), hf
+
+
+@pytest.mark.parametrize("name", list(QWEN3_CONVERSATIONS))
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_qwen3(qwen3_pair, name, tools):
+    tok, hf = qwen3_pair
+    assert tok.chat_format.name == "qwen3"
+    messages = QWEN3_CONVERSATIONS[name]
+    tokens, mask = tok.tokenize_messages(messages, tools=tools)
+    assert tokens == hf_chat_ids(hf, messages, False, tools)
+    # trained = exactly what the template puts between each assistant header and its <|im_end|>
+    text = hf.apply_chat_template(messages, tokenize=False, tools=tools)
+    expected = re.findall(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.DOTALL)
+    assert [tok.decode(r, skip_special_tokens=False)
+            for r in trained_runs(tokens, mask)] == expected
+    if name == "think_multi_turn":  # earlier turns drop their reasoning, the last keeps it
+        assert "add them" not in text and "<think>\nagain\n</think>" in text
 
 
 @pytest.mark.parametrize("fmt", ["llama2", "mistral"])

@@ -117,7 +117,7 @@ def qwen_json(tmp_path_factory):
     write_ranks(train_bytelevel_bpe(QWEN2_PATTERN, [], nfc=True), root / "ranks.tiktoken")
     hf = hf_from_ranks(root / "ranks.tiktoken", QWEN2_PATTERN, QWEN_SPECIALS)
     hf.normalizer = normalizers.NFC()
-    hf.add_tokens(["<tool_call>"])  # a non-special added token, as in Qwen2.5
+    hf.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>"])  # non-special, as Qwen
     hf.save(str(root / "tokenizer.json"))
     return root / "tokenizer.json", hf
 

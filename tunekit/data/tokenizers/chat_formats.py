@@ -143,41 +143,94 @@ def _chatml_tools_system(system: str | None, tools: list[dict]) -> str:
             "<|im_end|>\n")
 
 
-def _chatml(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+def _chatml_system(messages: list[Message], tools, default_system) -> list[Part]:
     has_system = bool(messages) and messages[0]["role"] == "system"
     system = _content(messages[0]) if has_system else default_system
-    parts: list[Part] = []
     if tools:
-        parts.append((_chatml_tools_system(system, tools), False))
-    elif system is not None:
-        parts.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+        return [(_chatml_tools_system(system, tools), False)]
+    return [] if system is None else [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+
+
+def _chatml_tool_result(messages: list[Message], i: int) -> Part:
+    """Consecutive tool results share one user turn, each wrapped in <tool_response>."""
+    first = i == 0 or messages[i - 1]["role"] != "tool"
+    last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+    return (("<|im_start|>user" if first else "") +
+            f"\n<tool_response>\n{_content(messages[i])}\n</tool_response>" +
+            ("<|im_end|>\n" if last else ""), False)
+
+
+def _tool_call_json(call: dict, raw_string_arguments: bool) -> str:
+    call = call.get("function", call)
+    args = call.get("arguments", {})
+    args = args if raw_string_arguments and isinstance(args, str) else _tojson(args)
+    return f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {args}}}\n</tool_call>'
+
+
+def _chatml_turns(messages: list[Message], assistant: Callable[[int, Message], str],
+                  add_generation_prompt: bool) -> list[Part]:
+    parts: list[Part] = []
     for i, m in enumerate(messages):
         role = m["role"]
         if role == "system" and i == 0:
             continue
         if role == "assistant":
-            if m.get("tool_calls"):
-                body = ("\n" + _content(m)) if _content(m) else ""
-                for call in m["tool_calls"]:
-                    call = call.get("function", call)
-                    body += (f'\n<tool_call>\n{{"name": "{call["name"]}", "arguments": '
-                             f'{_tojson(call.get("arguments", {}))}}}\n</tool_call>')
-                parts += [("<|im_start|>assistant", False), (body + "<|im_end|>", True),
-                          ("\n", False)]
-            else:
-                parts += [("<|im_start|>assistant\n", False),
-                          (_content(m) + "<|im_end|>", True), ("\n", False)]
+            # Renderers return the turn after "<|im_start|>assistant"; its leading newline is
+            # part of the generation prompt, so not trained on.
+            body = assistant(i, m)
+            assert body.startswith("\n")
+            parts += [("<|im_start|>assistant\n", False), (body[1:] + "<|im_end|>", True),
+                      ("\n", False)]
         elif role == "tool":
-            first = i == 0 or messages[i - 1]["role"] != "tool"
-            last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
-            parts.append((("<|im_start|>user" if first else "") +
-                          f"\n<tool_response>\n{_content(m)}\n</tool_response>" +
-                          ("<|im_end|>\n" if last else ""), False))
+            parts.append(_chatml_tool_result(messages, i))
         else:
             parts.append((f"<|im_start|>{role}\n{_content(m)}<|im_end|>\n", False))
     if add_generation_prompt:
         parts.append(("<|im_start|>assistant\n", False))
     return parts
+
+
+def _chatml(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    """Qwen2 / Qwen2.5 (and plain ChatML when there is no default system prompt)."""
+    def assistant(i: int, m: Message) -> str:
+        if not m.get("tool_calls"):
+            return "\n" + _content(m)
+        body = ("\n" + _content(m)) if _content(m) else ""
+        return body + "".join("\n" + _tool_call_json(c, False) for c in m["tool_calls"])
+
+    return (_chatml_system(messages, tools, default_system) +
+            _chatml_turns(messages, assistant, add_generation_prompt))
+
+
+def _qwen3(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    """Qwen3: reasoning is kept (as <think>...</think>) only after the last real user query."""
+    last_query = len(messages) - 1
+    for i in range(len(messages) - 1, -1, -1):
+        c = _content(messages[i])
+        if messages[i]["role"] == "user" and not (c.startswith("<tool_response>") and
+                                                  c.endswith("</tool_response>")):
+            last_query = i
+            break
+
+    def assistant(i: int, m: Message) -> str:
+        content = _content(m)
+        reasoning = m.get("reasoning_content")
+        if not isinstance(reasoning, str):
+            reasoning = ""
+            if "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1]
+                reasoning = reasoning.lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+        if i > last_query and (i == len(messages) - 1 or reasoning):
+            body = f"\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+        else:
+            body = "\n" + content
+        for k, call in enumerate(m.get("tool_calls") or ()):
+            body += ("\n" if k or content else "") + _tool_call_json(call, True)
+        return body
+
+    return (_chatml_system(messages, tools, None) +
+            _chatml_turns(messages, assistant, add_generation_prompt))
 
 
 def _gemma(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
@@ -206,6 +259,7 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     "chatml": ChatFormat("chatml", _chatml, ("<|im_end|>", "<|endoftext|>")),
     "qwen2": ChatFormat("qwen2", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_SYSTEM),
     "qwen2.5": ChatFormat("qwen2.5", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_5_SYSTEM),
+    "qwen3": ChatFormat("qwen3", _qwen3, ("<|im_end|>", "<|endoftext|>")),
     "gemma": ChatFormat("gemma", _gemma, ("<end_of_turn>",)),
 }
 
@@ -227,6 +281,8 @@ def guess_chat_format(chat_template: str | None, token_strings: Sequence[str] = 
     if "<|start_header_id|>" in template:
         return "llama3"
     if "<|im_start|>" in template:
+        if "<think>" in template and "last_query_index" in template:
+            return "qwen3"
         if QWEN2_5_SYSTEM in template:
             return "qwen2.5"
         if f"system\\n{QWEN2_SYSTEM}" in template or f"system\n{QWEN2_SYSTEM}" in template:
