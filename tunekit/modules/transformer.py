@@ -1,0 +1,86 @@
+"""Pre-norm decoder layer and the decoder-only language model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunekit.modules.attention import Attention
+
+
+class TransformerDecoderLayer(nn.Module):
+    """``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``.
+
+    Forward: ``x [b, s, dim]`` plus the ``mask``/``input_pos`` of :class:`Attention` -> ``[b, s, dim]``.
+    """
+
+    def __init__(self, *, attn: Attention, mlp: nn.Module, sa_norm: nn.Module, mlp_norm: nn.Module):
+        super().__init__()
+        self.sa_norm, self.attn, self.mlp_norm, self.mlp = sa_norm, attn, mlp_norm, mlp
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), mask=mask, input_pos=input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TransformerDecoder(nn.Module):
+    """Token embedding, ``layers``, final norm and output projection.
+
+    Args:
+        tok_embeddings: ``nn.Embedding(vocab, dim)``.
+        layers: decoder layers (kept as ``self.layers``, an ``nn.ModuleList``).
+        norm: final norm.
+        output: ``dim -> vocab`` projection, or None to reuse ``tok_embeddings.weight`` (tied; then
+            ``output.weight`` is not in the state dict).
+
+    Forward: ``tokens: Long[b, s]``, ``mask: Bool[b, s, s]`` or None (causal), ``input_pos: Long[b, s]``
+    or None (``arange(s)``; per-document positions for packed rows; KV-cache write positions)
+    -> logits ``[b, s, vocab]`` in the parameter dtype.
+    """
+
+    def __init__(self, *, tok_embeddings: nn.Module, layers: Iterable[nn.Module], norm: nn.Module,
+                 output: nn.Module | None = None):
+        super().__init__()
+        self.tok_embeddings = tok_embeddings
+        self.layers = layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(layers)
+        self.norm = norm
+        self.output = output
+
+    @property
+    def tied(self) -> bool:
+        return self.output is None
+
+    def setup_caches(self, batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                     device: torch.device | str | None = None) -> None:
+        """Allocate a KV cache in every attention layer; forwards then need ``input_pos``."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.setup_cache(batch_size, max_seq_len, dtype, device)
+
+    def reset_caches(self) -> None:
+        """Zero every KV cache (keeps the allocation)."""
+        for module in self.modules():
+            if isinstance(module, Attention) and module.kv_cache is not None:
+                module.kv_cache.reset()
+
+    def remove_caches(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.kv_cache = None
+
+    def caches_are_enabled(self) -> bool:
+        return any(isinstance(m, Attention) and m.kv_cache is not None for m in self.modules())
+
+    def forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
