@@ -24,8 +24,10 @@ def shift_labels_flat(tokens: np.ndarray, mask: np.ndarray, doc_ends: np.ndarray
     tokens: int[n], mask: bool[n], doc_ends: int[d] exclusive end offset of each document.
     Returns int[n]; the last token of every document gets -100, never the next document's first.
     """
-    labels = np.full(tokens.shape, CROSS_ENTROPY_IGNORE_INDEX, dtype=tokens.dtype)
-    labels[:-1] = np.where(mask[1:], CROSS_ENTROPY_IGNORE_INDEX, tokens[1:])
+    labels = np.empty_like(tokens)
+    labels[:-1] = tokens[1:]
+    np.putmask(labels[:-1], mask[1:], CROSS_ENTROPY_IGNORE_INDEX)
+    labels[-1:] = CROSS_ENTROPY_IGNORE_INDEX
     if len(doc_ends):
         labels[np.asarray(doc_ends) - 1] = CROSS_ENTROPY_IGNORE_INDEX
     return labels
