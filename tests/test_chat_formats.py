@@ -203,6 +203,42 @@ def test_qwen3(qwen3_pair, name, tools):
         assert "add them" not in text and "<think>\nagain\n</think>" in text
 
 
+LLAMA3_1_TOOL_CONVERSATION = [
+    {"role": "system", "content": "  You can call tools. "},
+    {"role": "user", "content": " Weather in Paris? "},
+    {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}}]},
+    {"role": "tool", "content": "{\"temp\": 21, \"sky\": \"☀\"}"},
+    {"role": "assistant", "content": "It is 21°C and sunny."},
+]
+
+
+@pytest.fixture(scope="module")
+def llama3_1_pair(llama3_files, tmp_path_factory):
+    hf = PreTrainedTokenizerFast(tokenizer_object=llama3_files[1], bos_token="<|begin_of_text|>",
+                                 eos_token="<|eot_id|>",
+                                 chat_template=(TEMPLATES / "llama3_1.jinja").read_text())
+    folder = saved_checkpoint(hf, tmp_path_factory.mktemp("llama3_1_ckpt"))
+    return from_hf(folder), hf
+
+
+@pytest.mark.parametrize("name", [*CONVERSATIONS, "tools"])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+@pytest.mark.parametrize("gen", [False, True])
+def test_llama3_1(llama3_1_pair, name, tools, gen):
+    tok, hf = llama3_1_pair
+    assert tok.chat_format.name == "llama3.1"
+    messages = LLAMA3_1_TOOL_CONVERSATION if name == "tools" else CONVERSATIONS[name]
+    tokens, mask = tok.tokenize_messages(messages, add_generation_prompt=gen, tools=tools)
+    assert tokens == hf_chat_ids(hf, messages, gen, tools)
+    text = hf.apply_chat_template(messages, tokenize=False, tools=tools,
+                                  add_generation_prompt=gen)
+    expected = re.findall(r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n"
+                          r"(.+?<\|eot_id\|>)", text, re.DOTALL)
+    assert [tok.decode(r, skip_special_tokens=False)
+            for r in trained_runs(tokens, mask)] == expected
+
+
 @pytest.mark.parametrize("fmt", ["llama2", "mistral"])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_inst_formats(llama_sp, tmp_path_factory, fmt, name):

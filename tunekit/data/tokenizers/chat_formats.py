@@ -109,26 +109,63 @@ def _mistral(messages, *, add_generation_prompt, tools, bos, eos, default_system
 def _llama3_tool_call(m: Message) -> str:
     calls = m["tool_calls"]
     if len(calls) != 1:
-        raise ValueError("chat format 'llama3' renders exactly one tool call per assistant "
-                         f"message (Llama 3.1 convention); got {len(calls)}")
+        raise ValueError("Llama 3 chat formats render exactly one tool call per assistant "
+                         f"message (as the Llama 3.1 template); got {len(calls)}")
     call = calls[0].get("function", calls[0])
     return (f'{{"name": "{call["name"]}", "parameters": '
             f'{_tojson(call.get("arguments", {}))}}}')
 
 
-def _llama3(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
-    parts: list[Part] = []
-    for i, m in enumerate(messages):
-        role = "ipython" if m["role"] == "tool" else m["role"]  # Llama 3.1 tool-output role
-        header = f"{bos if i == 0 else ''}<|start_header_id|>{role}<|end_header_id|>\n\n"
+def _llama3_turn(m: Message, content: str | None = None) -> list[Part]:
+    """One header + content + <|eot_id|> turn; tool results use Llama 3.1's ipython role."""
+    role = "ipython" if m["role"] == "tool" else m["role"]
+    header = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+    if content is None:
         content = _llama3_tool_call(m) if m.get("tool_calls") else _content(m).strip()
-        if m["role"] == "assistant":
-            parts += [(header, False), (content + "<|eot_id|>", True)]
-        else:
-            parts.append((header + content + "<|eot_id|>", False))
-    if add_generation_prompt:
-        parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
-    return parts
+    if m["role"] == "assistant":
+        return [(header, False), (content + "<|eot_id|>", True)]
+    return [(header + content + "<|eot_id|>", False)]
+
+
+def _llama3_generation_prompt(add_generation_prompt: bool) -> list[Part]:
+    return [("<|start_header_id|>assistant<|end_header_id|>\n\n", False)] * add_generation_prompt
+
+
+def _llama3(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    """Llama 3 / 3.0 template (tool messages follow the 3.1 conventions)."""
+    parts: list[Part] = [(bos, False)]
+    for m in messages:
+        parts += _llama3_turn(m)
+    return parts + _llama3_generation_prompt(add_generation_prompt)
+
+
+LLAMA3_1_DATE = "26 Jul 2024"  # the template's default ``date_string``
+
+
+def _llama3_1(messages, *, add_generation_prompt, tools, bos, eos, default_system) -> list[Part]:
+    """Llama 3.1 template: a system turn with the knowledge-cutoff/date header, custom tools in
+    the first user turn (``tools_in_user_message``), one JSON tool call per assistant message."""
+    system, turns = _split_system(messages)
+    head = ("Environment: ipython\n" if tools else "") + (
+        f"Cutting Knowledge Date: December 2023\nToday Date: {LLAMA3_1_DATE}\n\n")
+    parts: list[Part] = [(f"{bos}<|start_header_id|>system<|end_header_id|>\n\n{head}"
+                          f"{(system or '').strip()}<|eot_id|>", False)]
+    if tools:
+        if not turns:
+            raise ValueError("chat format 'llama3.1' puts tools in the first user message, "
+                             "but there is none")
+        listed = "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
+        parts.append(("<|start_header_id|>user<|end_header_id|>\n\nGiven the following "
+                      "functions, please respond with a JSON for a function call with its "
+                      "proper arguments that best answers the given prompt.\n\nRespond in the "
+                      'format {"name": function name, "parameters": dictionary of argument name '
+                      f"and its value}}.Do not use variables.\n\n{listed}"
+                      f"{_content(turns[0]).strip()}<|eot_id|>", False))
+        turns = turns[1:]
+    for m in turns:
+        # The template writes tool output through ``tojson`` (strings count as iterable).
+        parts += _llama3_turn(m, _tojson(_content(m)) if m["role"] == "tool" else None)
+    return parts + _llama3_generation_prompt(add_generation_prompt)
 
 
 def _chatml_tools_system(system: str | None, tools: list[dict]) -> str:
@@ -256,6 +293,8 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
     "llama2": ChatFormat("llama2", _llama2),
     "mistral": ChatFormat("mistral", _mistral),
     "llama3": ChatFormat("llama3", _llama3, ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
+    "llama3.1": ChatFormat("llama3.1", _llama3_1,
+                           ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
     "chatml": ChatFormat("chatml", _chatml, ("<|im_end|>", "<|endoftext|>")),
     "qwen2": ChatFormat("qwen2", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_SYSTEM),
     "qwen2.5": ChatFormat("qwen2.5", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_5_SYSTEM),
@@ -279,7 +318,7 @@ def guess_chat_format(chat_template: str | None, token_strings: Sequence[str] = 
     template = chat_template or ""
     tokens = set(token_strings)
     if "<|start_header_id|>" in template:
-        return "llama3"
+        return "llama3.1" if "Cutting Knowledge Date" in template else "llama3"
     if "<|im_start|>" in template:
         if "<think>" in template and "last_query_index" in template:
             return "qwen3"
