@@ -1,0 +1,39 @@
+"""Ctrl-C during training: finish the current step, save a checkpoint, exit cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+class StopFlag:
+    """Set by the first SIGINT; the recipe checks ``flag.is_set`` once per step."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+
+@contextlib.contextmanager
+def stop_on_sigint(message: str = "Ctrl-C: saving a checkpoint after this step; press Ctrl-C again to abort"
+                   ) -> Iterator[StopFlag]:
+    """Within the context the first Ctrl-C only sets the returned flag (and prints ``message``);
+    a second one raises KeyboardInterrupt as usual. Outside the main thread (where signal
+    handlers cannot be installed) the flag simply never gets set."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set:
+            raise KeyboardInterrupt
+        flag.is_set = True
+        print(f"\n{message}", flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,148 @@
+"""Step checkpoint folders ``<output_dir>/step_<N>/``, written atomically, and the resume state.
+
+A step folder is first written as ``<output_dir>/.step_<N>.tmp-<pid>``, every file is fsynced,
+then the folder is renamed to ``step_<N>``. A crash mid-save therefore leaves at most a tmp
+folder (ignored and later removed), never a half ``step_<N>``, and the previous complete
+checkpoint stays as it was. ``recipe_state/state.pt`` holds what resume needs besides the
+weights (optimizer, lr scheduler, RNG, sampler position, step, epoch) as tensors and primitive
+containers only, loaded back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RECIPE_STATE_DIR = "recipe_state"
+_STATE_FILE = "state.pt"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_TMP_RE = re.compile(r"^\.step_(\d+)\.(?:tmp|old)-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step}"
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened for fsync on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(output_dir: str | os.PathLike) -> None:
+    """Delete tmp folders left by saves of processes that no longer run."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return
+    for child in out.iterdir():
+        m = _TMP_RE.match(child.name)
+        if m and child.is_dir() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete step folders as (step, path), oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), child) for child in out.iterdir()
+             if (m := _STEP_RE.match(child.name)) and child.is_dir()]
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``step_<N>`` folder under ``output_dir`` (tmp folders ignored), or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_step_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None], *,
+                         keep_last_n: int | None = None) -> Path:
+    """Create ``<output_dir>/step_<step>/`` atomically and return its path.
+
+    ``write(folder)`` fills the (temporary) folder; if it raises, the tmp folder is removed and
+    the exception propagates, leaving earlier checkpoints untouched. An existing folder of the
+    same step is replaced only once the new one is complete. With ``keep_last_n`` older step
+    folders beyond the newest ``keep_last_n`` are deleted after the save.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)
+    final = out / step_dir_name(step)
+    tmp = out / f".{step_dir_name(step)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():  # a re-save of the same step (e.g. after resume): swap, then delete the old one
+        old = out / f".{step_dir_name(step)}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if keep_last_n is not None:
+        prune_checkpoints(out, keep_last_n)
+    return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last_n: int) -> None:
+    """Delete all but the newest ``keep_last_n`` (>= 1) complete step folders."""
+    if keep_last_n < 1:
+        raise ValueError(f"keep_last_n must be >= 1 (or null to keep all), got {keep_last_n}")
+    for _, path in list_checkpoints(output_dir)[:-keep_last_n]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_recipe_state(checkpoint_dir: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` (tensors and primitive containers only) to ``<checkpoint_dir>/recipe_state/``."""
+    folder = Path(checkpoint_dir) / RECIPE_STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / _STATE_FILE)
+
+
+def load_recipe_state(checkpoint_dir: str | os.PathLike) -> dict:
+    """Read what :func:`save_recipe_state` wrote (``weights_only=True``: no code is unpickled)."""
+    path = Path(checkpoint_dir) / RECIPE_STATE_DIR / _STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no recipe state in this checkpoint; it cannot be resumed "
+                                "(start without resume=true or pick another output_dir)")
+    return torch.load(path, map_location="cpu", weights_only=True)
