@@ -112,3 +112,12 @@ def test_split_by_fraction_is_deterministic_and_disjoint():
     assert not np.array_equal(val, split_indices(1000, "validation", 0.1, seed=4))
     with pytest.raises(ValueError, match="val_fraction"):
         split_indices(10, "validation", 0.0)
+
+
+def test_misspelt_keyword_for_local_file_is_an_error(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"a": 1}\n')
+    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) max_seq_length"):
+        load_rows(p, max_seq_length=5)
+    with pytest.raises(ValueError, match="empty source list"):
+        load_rows([])

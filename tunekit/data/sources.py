@@ -232,10 +232,13 @@ def load_rows(source: str | os.PathLike | Sequence | Mapping, *, text_split: str
 
     ``source`` is a file (``.jsonl``, ``.json``, ``.csv``, ``.txt``, ``.parquet``), a directory (its
     files with those suffixes, sorted), a list of those, an in-memory list of dicts, or a Hugging Face
-    hub dataset name (needs ``datasets``; ``hf_split`` and ``hf_kwargs`` go to ``load_dataset``).
+    hub dataset name (needs ``datasets``; ``hf_split`` and ``hf_kwargs`` go to ``load_dataset``, e.g.
+    ``load_rows("json", data_files="big/*.jsonl")``). Extra keywords for local files are an error.
     """
     if isinstance(source, (list, tuple)):
-        if source and all(isinstance(r, Mapping) for r in source):
+        if not source:
+            raise ValueError("empty source list: give at least one file, directory or row")
+        if all(isinstance(r, Mapping) for r in source):
             return ListRows(list(source), "<rows>")
         parts = [load_rows(s, text_split=text_split, hf_split=hf_split, **hf_kwargs) for s in source]
         return parts[0] if len(parts) == 1 else ConcatRows(parts)
@@ -244,9 +247,12 @@ def load_rows(source: str | os.PathLike | Sequence | Mapping, *, text_split: str
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
         if not files:
             raise DataError(f"no {'/'.join(LOCAL_SUFFIXES)} files in the directory", where=str(path))
-        return load_rows(files, text_split=text_split)
+        return load_rows(files, text_split=text_split, **hf_kwargs)
     if path.is_file():
         suffix = path.suffix.lower()
+        if hf_kwargs and suffix != ".parquet":
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(hf_kwargs)} for the local file "
+                            f"{path} (extra keywords only go to datasets.load_dataset for hub sources)")
         if suffix == ".jsonl":
             return JsonlRows(path)
         if suffix == ".json":
@@ -257,7 +263,8 @@ def load_rows(source: str | os.PathLike | Sequence | Mapping, *, text_split: str
             return read_text(path, text_split)
         if suffix == ".parquet":
             datasets = _require_datasets(f"reading {path}")
-            return HFRows(datasets.load_dataset("parquet", data_files=str(path), split="train"), str(path))
+            return HFRows(datasets.load_dataset("parquet", data_files=str(path), split="train", **hf_kwargs),
+                          str(path))
         raise DataError(f"unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}",
                         where=str(path))
     text = str(source)
