@@ -64,6 +64,20 @@ def _is_sentencepiece(path: Path) -> bool:
         return True
 
 
+def _pick_file(folder: Path) -> tuple[str, Path]:
+    """(kind, path) of the tokenizer file to load, in the order of the module docstring."""
+    top = folder / "tokenizer.model"
+    if top.is_file() and _is_sentencepiece(top):
+        return "sentencepiece", top
+    if (folder / "tokenizer.json").is_file():
+        return "tokenizer.json", folder / "tokenizer.json"
+    for path in (folder / "original" / "tokenizer.model", top):
+        if path.is_file():
+            return "tiktoken", path
+    raise ValueError(f"{folder}: no tokenizer.model, tokenizer.json or original/tokenizer.model "
+                     "found")
+
+
 def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
             max_seq_len: int | None = None) -> BaseTokenizer:
     """Tokenizer of an HF checkpoint folder (see the module docstring for the file choice).
@@ -88,32 +102,20 @@ def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
             raise ValueError(f"{config_path}: added_tokens_decoder[{idx!r}] needs an integer id "
                              "and a 'content' string") from None
 
-    sp_path = folder / "tokenizer.model"
-    json_path = folder / "tokenizer.json"
-    tiktoken_path = folder / "original" / "tokenizer.model"
-    if sp_path.is_file() and not _is_sentencepiece(sp_path):
-        tiktoken_path, sp_path = sp_path, folder / "missing"
-    if sp_path.is_file():
-        tok: BaseTokenizer = SentencePieceTokenizer(sp_path, added_tokens=added, bos_token=bos,
+    kind, path = _pick_file(folder)
+    if kind == "sentencepiece":
+        tok: BaseTokenizer = SentencePieceTokenizer(path, added_tokens=added, bos_token=bos,
                                                     eos_token=eos, pad_token=pad)
-    elif json_path.is_file():
+    elif kind == "tokenizer.json":
         if eos is None:
             raise ValueError(f"{config_path}: eos_token is missing; it is needed with "
                              "tokenizer.json")
-        tok = load_tokenizer_json(json_path, bos_token=bos, eos_token=eos, pad_token=pad,
+        tok = load_tokenizer_json(path, bos_token=bos, eos_token=eos, pad_token=pad,
                                   extra_added_tokens=added)
-    elif tiktoken_path.is_file():
-        tok = llama3_tokenizer(tiktoken_path)
-        for role, name in (("bos_id", bos), ("eos_id", eos), ("pad_id", pad)):
-            if name is not None:
-                if name not in tok.added_tokens:
-                    raise ValueError(f"{config_path}: {role[:3]}_token {name!r} is not a Llama 3 "
-                                     "special token")
-                setattr(tok, role, tok.added_tokens[name])
-        tok.stop_tokens = list(dict.fromkeys([tok.eos_id, *tok.stop_tokens]))
     else:
-        raise ValueError(f"{folder}: no tokenizer.model, tokenizer.json or "
-                         "original/tokenizer.model found")
+        names = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad))
+                 if v is not None}
+        tok = llama3_tokenizer(path, **names)
 
     name = chat_format or guess_chat_format(_chat_template(config, folder), tok.added_tokens)
     tok.max_seq_len = max_seq_len

@@ -86,13 +86,23 @@ class TiktokenTokenizer(BaseTokenizer):
         return self._enc.decode(ids, errors="replace")
 
 
-def llama3_tokenizer(path: str | Path, *, chat_format: ChatFormat | None = None,
+def llama3_tokenizer(path: str | Path, *, bos_token: str = "<|begin_of_text|>",
+                     eos_token: str = "<|end_of_text|>",
+                     pad_token: str = "<|finetune_right_pad_id|>",
+                     chat_format: ChatFormat | None = None,
                      max_seq_len: int | None = None) -> TiktokenTokenizer:
-    """Llama 3 tokenizer from its tiktoken file (``original/tokenizer.model``)."""
+    """Llama 3 tokenizer from its tiktoken file (``original/tokenizer.model``). Instruct models
+    end turns with ``eos_token="<|eot_id|>"``."""
     ranks = load_tiktoken_ranks(path)
     specials = llama3_special_tokens(max(ranks.values()) + 1)
+
+    def token_id(name: str, role: str) -> int:
+        if name not in specials:
+            raise ValueError(f"{path}: {role} {name!r} is not a Llama 3 special token")
+        return specials[name]
+
     return TiktokenTokenizer(
         ranks, LLAMA3_PATTERN, added_tokens=specials, special_ids=set(specials.values()),
-        bos_id=specials["<|begin_of_text|>"], eos_id=specials["<|end_of_text|>"],
-        pad_id=specials["<|finetune_right_pad_id|>"], chat_format=chat_format,
+        bos_id=token_id(bos_token, "bos_token"), eos_id=token_id(eos_token, "eos_token"),
+        pad_id=token_id(pad_token, "pad_token"), chat_format=chat_format,
         max_seq_len=max_seq_len, name=f"llama3:{path}")
