@@ -7,7 +7,9 @@ for users are written separately from ``gather_full_state_dict`` on rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +23,15 @@ from tunekit.training.distributed import get_world_size_and_rank, is_distributed
 EXTRA_FILE = "extra.pt"
 
 
+@contextlib.contextmanager
+def _single_process_is_intended():
+    # DCP warns whenever no process group exists; for us one process is a supported case
+    # (resuming a multi-process run on one device), not an accident.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_sharded_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                        extra: dict | None = None) -> None:
     """Write model and optimizer state (sharded or not) to ``directory`` with DCP, plus ``extra``
@@ -28,7 +39,9 @@ def save_sharded_state(directory: str | os.PathLike, model: nn.Module, optimizer
     Collective: call on every rank with the same directory."""
     directory = Path(directory)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory, no_dist=not is_distributed())
+    with _single_process_is_intended():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory,
+                 no_dist=not is_distributed())
     if get_world_size_and_rank()[1] == 0:
         torch.save(dict(extra or {}), directory / EXTRA_FILE)
     if is_distributed():
@@ -47,6 +60,7 @@ def load_sharded_state(directory: str | os.PathLike, model: nn.Module,
         )
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=directory, no_dist=not is_distributed())
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=directory, no_dist=not is_distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return torch.load(directory / EXTRA_FILE, weights_only=True)

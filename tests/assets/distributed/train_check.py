@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from tiny_decoder import TinyDecoder, global_micro_batches, token_loss_sum
 
+from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.distributed import (
     clip_grad_norm,
     gather_full_state_dict,
@@ -51,7 +52,7 @@ def train_reference(model, world_size, steps=STEPS):
     return losses, norms, opt
 
 
-def train_sharded(model, rank, world_size, steps=STEPS):
+def train_sharded(model, rank, world_size, steps=STEPS, offload=False):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     losses, norms = [], []
     for step in range(steps):
@@ -62,7 +63,8 @@ def train_sharded(model, rank, world_size, steps=STEPS):
         total = torch.zeros(())
         for i, (tokens, labels) in enumerate(mine):
             with no_grad_sync(model, enabled=i < len(mine) - 1):
-                loss = token_loss_sum(model, tokens, labels) / n_tokens
+                with offload_activations("cpu", enabled=offload, min_bytes=0):
+                    loss = token_loss_sum(model, tokens, labels) / n_tokens
                 loss.backward()
             total += loss.detach()
             if i < len(mine) - 1:  # accumulated locally: nothing reduced into the sharded grads yet
@@ -77,14 +79,14 @@ def train_sharded(model, rank, world_size, steps=STEPS):
     return losses, norms, opt
 
 
-def check_training(rank, world_size, results, **shard_kwargs):
+def check_training(rank, world_size, results, offload=False, **shard_kwargs):
     torch.manual_seed(0)
     model = TinyDecoder()
     ref = copy.deepcopy(model)
     ref_losses, ref_norms, ref_opt = train_reference(ref, world_size)
     shard_model(model, **shard_kwargs)
-    losses, norms, opt = train_sharded(model, rank, world_size)
-    tag = ",".join(f"{k}={v}" for k, v in shard_kwargs.items()) or "fp32"
+    losses, norms, opt = train_sharded(model, rank, world_size, offload=offload)
+    tag = ",".join(f"{k}={v}" for k, v in dict(shard_kwargs, **({"offload": True} if offload else {})).items()) or "fp32"
     results[f"loss_diff[{tag}]"] = close(torch.tensor(losses), torch.tensor(ref_losses), f"losses ({tag})")
     results[f"norm_diff[{tag}]"] = close(torch.tensor(norms), torch.tensor(ref_norms), f"grad norms ({tag})")
     full = gather_full_state_dict(model)
@@ -117,6 +119,13 @@ def check_load_full_state_dict(rank, results):
     gathered = gather_full_state_dict(model)
     if rank == 0:
         results["load_full_diff"] = max(close(gathered[k], kept[k], f"loaded {k}") for k in kept)
+    # every rank holding the full dict (no broadcast): each keeps its own shard
+    with torch.device("meta"):
+        replicated = shard_model(TinyDecoder())
+    load_full_state_dict(replicated, kept, device="cpu", from_rank0=False)
+    gathered = gather_full_state_dict(replicated)
+    if rank == 0:
+        results["load_full_all_ranks_diff"] = max(close(gathered[k], kept[k], f"loaded {k}") for k in kept)
     # the loaded model computes the same function
     tokens, labels = global_micro_batches(7, 1, 2)[0]
     close(token_loss_sum(model, tokens, labels), token_loss_sum(source, tokens, labels), "loss after load")
@@ -206,6 +215,8 @@ def main():
         check_load_full_state_dict(rank, results)
         check_bf16(rank, world_size, results)
         check_qlora(rank, world_size, results)
+        check_training(rank, world_size, results, cpu_offload=True)
+        check_training(rank, world_size, results, offload=True)
         try:
             import tunekit.training.activation_checkpointing  # noqa: F401  (written by another area)
         except ImportError:
