@@ -20,7 +20,7 @@ from test_tokenizers import (  # noqa: F401  (fixtures are used by name)
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tunekit.data.tokenizers import CHAT_FORMATS, from_hf, get_chat_format
+from tunekit.data.tokenizers import CHAT_FORMATS, from_hf, get_chat_format, guess_chat_format
 
 CONVERSATIONS = {
     "one_turn": [{"role": "user", "content": "What is 2+2?"},
@@ -297,3 +297,15 @@ def test_bad_conversations_raise_clear_errors(llama_sp, tmp_path_factory):
     assert set(CHAT_FORMATS) >= {"llama2", "llama3", "mistral", "chatml", "qwen2.5", "gemma"}
     with pytest.raises(ValueError, match="unknown chat_format"):
         get_chat_format("alpaca")
+
+
+@pytest.mark.parametrize("fixture, expected", [
+    ("llama2", "llama2"), ("llama3", "llama3"), ("llama3_1", "llama3.1"), ("mistral", "mistral"),
+    ("qwen2_5", "qwen2.5"), ("qwen3", "qwen3"), ("gemma", "gemma")])
+def test_guess_chat_format_from_official_templates(fixture, expected):
+    assert guess_chat_format((TEMPLATES / f"{fixture}.jinja").read_text()) == expected
+
+
+def test_guess_chat_format_without_template_uses_marker_tokens():
+    assert guess_chat_format(None, ["<|im_start|>", "<|im_end|>"]) == "chatml"
+    assert guess_chat_format("", ["<s>", "</s>"]) is None
