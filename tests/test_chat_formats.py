@@ -239,6 +239,54 @@ def test_llama3_1(llama3_1_pair, name, tools, gen):
             for r in trained_runs(tokens, mask)] == expected
 
 
+MISTRAL_V3_CONTROL = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                      "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+MISTRAL_V3_TOOL_CONVERSATION = [
+    {"role": "system", "content": "Use tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "tool_calls": [{"id": "call00001", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call00001", "content": "{\"temp\": 21}"},
+    {"role": "assistant", "content": "21 degrees."},
+    {"role": "user", "content": "Thanks, and Oslo?"},
+]
+
+
+@pytest.fixture(scope="module")
+def mistral_v3_pair(tmp_path_factory):
+    from test_tokenizers import train_sentencepiece
+    folder = tmp_path_factory.mktemp("mistral_v3")
+    model = train_sentencepiece(folder, dummy_prefix=True, control=MISTRAL_V3_CONTROL)
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    added = {str(sp.piece_to_id(t)): {"content": t, "special": True}
+             for t in ["<unk>", "<s>", "</s>", *MISTRAL_V3_CONTROL]}
+    write_config(folder, tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>",
+                 unk_token="<unk>", legacy=False, added_tokens_decoder=added,
+                 chat_template=(TEMPLATES / "mistral_v3.jinja").read_text())
+    return from_hf(folder), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", [*CONVERSATIONS, "tools", "tools_ending_in_assistant"])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_mistral_v3(mistral_v3_pair, name, tools):
+    tok, hf = mistral_v3_pair
+    assert tok.chat_format.name == "mistral_v3"
+    messages = {"tools": MISTRAL_V3_TOOL_CONVERSATION,
+                "tools_ending_in_assistant": MISTRAL_V3_TOOL_CONVERSATION[:5]}.get(name)
+    messages = messages or CONVERSATIONS[name]
+    tokens, mask = tok.tokenize_messages(messages, tools=tools)
+    assert tokens == hf_chat_ids(hf, messages, False, tools)
+    text = hf.apply_chat_template(messages, tokenize=False, tools=tools)
+    expected = re.findall(r"\[/(?:INST|TOOL_RESULTS)\] ?(.+?</s>)", text, re.DOTALL)
+    assert [tok.decode(r, skip_special_tokens=False).lstrip(" ")
+            for r in trained_runs(tokens, mask)] == expected
+    with pytest.raises(ValueError, match="9-character"):
+        bad = [dict(m, tool_call_id="x") if m["role"] == "tool" else m
+               for m in MISTRAL_V3_TOOL_CONVERSATION]
+        tok.tokenize_messages(bad)
+
+
 @pytest.mark.parametrize("fmt", ["llama2", "mistral"])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_inst_formats(llama_sp, tmp_path_factory, fmt, name):

@@ -198,7 +198,7 @@ def test_tokenizer_json_unsupported_features_raise(tmp_path, qwen_json, change, 
         load_tokenizer_json(tmp_path / "tokenizer.json", bos_token=None, eos_token="<|im_end|>")
 
 
-def train_sentencepiece(folder: Path, *, dummy_prefix: bool, user_defined=(),
+def train_sentencepiece(folder: Path, *, dummy_prefix: bool, user_defined=(), control=(),
                         bos="<s>", eos="</s>") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
@@ -206,6 +206,7 @@ def train_sentencepiece(folder: Path, *, dummy_prefix: bool, user_defined=(),
         vocab_size=600, model_type="bpe", byte_fallback=True, character_coverage=1.0,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=dummy_prefix, split_digits=True, user_defined_symbols=list(user_defined),
+        control_symbols=list(control),
         unk_id=0, bos_id=1, eos_id=2, bos_piece=bos, eos_piece=eos, minloglevel=2)
     (folder / "tokenizer.vocab").unlink()
     return folder / "tokenizer.model"

@@ -106,6 +106,54 @@ def _mistral(messages, *, add_generation_prompt, tools, bos, eos, default_system
     return parts
 
 
+def _mistral_v3_tools(tools: list[dict]) -> str:
+    def one(tool: dict) -> str:
+        fn = tool.get("function", tool)
+        fields = ", ".join(f'"{k}": "{v}"' if isinstance(v, str) else f'"{k}": {_tojson(v)}'
+                           for k, v in fn.items() if k != "return")
+        return f'{{"type": "function", "function": {{{fields}}}}}'
+    return "[AVAILABLE_TOOLS] [" + ", ".join(one(t) for t in tools) + "][/AVAILABLE_TOOLS]"
+
+
+def _mistral_v3_call_id(value: Any, field: str) -> str:
+    if not isinstance(value, str) or len(value) != 9:
+        raise ValueError(f"chat format 'mistral_v3': {field} must be a 9-character string "
+                         f"(Mistral tool-call ids), got {value!r}")
+    return value
+
+
+def _mistral_v3(messages, *, add_generation_prompt, tools, bos, eos, default_system
+                ) -> list[Part]:
+    """Mistral v3 (Mistral-7B-Instruct-v0.3): ``[INST]``/``[/INST]`` control tokens, tools in
+    the last user turn, and, as the template does, the system message only prefixed to the
+    last user turn when the conversation ends there."""
+    system, turns = _split_system(messages)
+    _alternating([m for m in turns if m["role"] != "tool" and not m.get("tool_calls")],
+                 "mistral_v3")
+    last_user = [m for m in turns if m["role"] == "user"][-1:]
+    parts: list[Part] = [(bos, False)]
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            prefix = _mistral_v3_tools(tools) if tools and m == last_user[0] else ""
+            content = _content(m)
+            if i == len(turns) - 1 and system is not None:
+                content = f"{system}\n\n{content}"
+            parts.append((f"{prefix}[INST] {content}[/INST]", False))
+        elif m.get("tool_calls"):
+            calls = []
+            for k, call in enumerate(m["tool_calls"]):
+                call_id = _mistral_v3_call_id(call.get("id"), f"tool_calls[{k}].id")
+                calls.append(_tojson(call["function"])[:-1] + f', "id": "{call_id}"}}')
+            parts.append(("[TOOL_CALLS] [" + ", ".join(calls) + "]" + eos, True))
+        elif m["role"] == "assistant":
+            parts.append((f" {_content(m).strip()}{eos}", True))
+        else:
+            call_id = _mistral_v3_call_id(m.get("tool_call_id"), "tool_call_id")
+            parts.append((f'[TOOL_RESULTS] {{"content": {_content(m)}, "call_id": '
+                          f'"{call_id}"}}[/TOOL_RESULTS]', False))
+    return parts
+
+
 def _llama3_tool_call(m: Message) -> str:
     calls = m["tool_calls"]
     if len(calls) != 1:
@@ -292,6 +340,7 @@ def _gemma(messages, *, add_generation_prompt, tools, bos, eos, default_system) 
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "llama2": ChatFormat("llama2", _llama2),
     "mistral": ChatFormat("mistral", _mistral),
+    "mistral_v3": ChatFormat("mistral_v3", _mistral_v3),
     "llama3": ChatFormat("llama3", _llama3, ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
     "llama3.1": ChatFormat("llama3.1", _llama3_1,
                            ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
@@ -330,7 +379,9 @@ def guess_chat_format(chat_template: str | None, token_strings: Sequence[str] = 
     if "<start_of_turn>" in template:
         return "gemma"
     if "[INST]" in template:
-        return "llama2" if "<<SYS>>" in template else "mistral"
+        if "<<SYS>>" in template:
+            return "llama2"
+        return "mistral_v3" if "[TOOL_CALLS]" in template else "mistral"
     if template:
         log.warning("chat_template matches none of the known formats; guessing from tokens")
     for marker, name in (("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"),
