@@ -60,8 +60,9 @@ def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
 def padding_mask(is_token: torch.Tensor) -> torch.Tensor:
     """``Bool[b, s, s]`` causal mask that hides padding keys; ``is_token: Bool[b, s]`` (False = pad).
 
-    Works for left or right padding. Padding queries attend to themselves only, so no row is
-    empty (an all-False row would make softmax produce NaN).
+    Works for left or right padding. Every query may also attend to itself, so a padding query's
+    row is never empty (an all-False row would make softmax produce NaN); its output is garbage
+    that the loss must ignore.
     """
     s = is_token.shape[-1]
     mask = causal_mask(s, is_token.device) & is_token[:, None, :]
