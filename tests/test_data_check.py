@@ -92,3 +92,11 @@ def test_cli_report_and_exit_codes(planted, capsys, tmp_path):
     assert "format: alpaca" in out and "longer than max_seq_len=64" in out and "1 of 41 eval rows" in out
     assert data_check_main(["check", str(tmp_path / "missing.jsonl")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_registered_in_the_tunekit_command(planted, capsys):
+    cli_main = pytest.importorskip("tunekit.cli.main")
+    train, evals = planted
+    args = cli_main.build_parser().parse_args(["data", "check", str(train), "--eval", str(evals)])
+    assert args.func(args) == 0
+    assert "near duplicates (MinHash, word 5-grams): 1 pair(s)" in capsys.readouterr().out

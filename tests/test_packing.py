@@ -40,6 +40,13 @@ def chat_file(tmp_path):
     return p
 
 
+@pytest.fixture
+def small_chat_file(tmp_path):  # for the model forward passes: a few packed rows are enough
+    p = tmp_path / "small.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in random_chats(16, seed=1)))
+    return p
+
+
 def test_greedy_pack_matches_definition():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 33, 500)
@@ -152,7 +159,8 @@ def mean_loss(model, batch):
                            reduction="sum") / (batch["labels"] != IGNORE).sum()
 
 
-def test_packed_loss_equals_unpacked_loss(chat_file):
+def test_packed_loss_equals_unpacked_loss(small_chat_file):
+    chat_file = small_chat_file
     torch.manual_seed(0)
     model = TinyCausalLM(TOK.vocab_size).double()
     unpacked = chat_dataset(TOK, chat_file, max_seq_len=S)
@@ -167,14 +175,15 @@ def test_packed_loss_equals_unpacked_loss(chat_file):
     assert abs(mean_loss(model, leaky).item() - loss_unpacked.item()) > 1e-6
 
 
-def test_packed_loss_equals_unpacked_with_tunekit_model(chat_file, tmp_path):
+def test_packed_loss_equals_unpacked_with_tunekit_model(small_chat_file, tmp_path):
+    chat_file = small_chat_file
     models = pytest.importorskip("tunekit.models")
     if not hasattr(models, "from_hf"):
         pytest.skip("tunekit.models.from_hf not available yet")
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256)
+                                   max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
     model = models.from_hf(tmp_path / "ckpt", dtype=torch.float64)
