@@ -345,6 +345,8 @@ def test_bad_conversations_raise_clear_errors(llama_sp, tmp_path_factory):
     assert set(CHAT_FORMATS) >= {"llama2", "llama3", "mistral", "chatml", "qwen2.5", "gemma"}
     with pytest.raises(ValueError, match="unknown chat_format"):
         get_chat_format("alpaca")
+    with pytest.raises(ValueError, match="'llama2' has no way to show tool definitions"):
+        tok.tokenize_messages(CONVERSATIONS["one_turn"], tools=TOOLS)
 
 
 @pytest.mark.parametrize("fixture, expected", [

@@ -32,10 +32,15 @@ class ChatFormat:
     renderer: Callable[..., list[Part]]
     stop_strings: tuple[str, ...] = ()
     default_system: str | None = None
+    supports_tools: bool = False
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
                tools: list[dict] | None = None, bos: str = "", eos: str = "") -> list[Part]:
         _check_roles(messages)
+        if tools and not self.supports_tools:
+            raise ValueError(f"chat format {self.name!r} has no way to show tool definitions; "
+                             "pass tools=None or use a format with tools (llama3.1, qwen2.5, "
+                             "qwen3, mistral_v3, chatml)")
         return self.renderer(list(messages), add_generation_prompt=add_generation_prompt,
                              tools=tools, bos=bos, eos=eos, default_system=self.default_system)
 
@@ -307,7 +312,8 @@ def _qwen3(messages, *, add_generation_prompt, tools, bos, eos, default_system) 
                 reasoning = reasoning.lstrip("\n")
                 content = content.split("</think>")[-1].lstrip("\n")
         if i > last_query and (i == len(messages) - 1 or reasoning):
-            body = f"\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+            reasoning, answer = reasoning.strip("\n"), content.lstrip("\n")
+            body = f"\n<think>\n{reasoning}\n</think>\n\n{answer}"
         else:
             body = "\n" + content
         for k, call in enumerate(m.get("tool_calls") or ()):
@@ -337,17 +343,20 @@ def _gemma(messages, *, add_generation_prompt, tools, bos, eos, default_system) 
     return parts
 
 
+_LLAMA3_STOPS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+_CHATML_STOPS = ("<|im_end|>", "<|endoftext|>")
+
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "llama2": ChatFormat("llama2", _llama2),
     "mistral": ChatFormat("mistral", _mistral),
-    "mistral_v3": ChatFormat("mistral_v3", _mistral_v3),
-    "llama3": ChatFormat("llama3", _llama3, ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
-    "llama3.1": ChatFormat("llama3.1", _llama3_1,
-                           ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),
-    "chatml": ChatFormat("chatml", _chatml, ("<|im_end|>", "<|endoftext|>")),
-    "qwen2": ChatFormat("qwen2", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_SYSTEM),
-    "qwen2.5": ChatFormat("qwen2.5", _chatml, ("<|im_end|>", "<|endoftext|>"), QWEN2_5_SYSTEM),
-    "qwen3": ChatFormat("qwen3", _qwen3, ("<|im_end|>", "<|endoftext|>")),
+    "mistral_v3": ChatFormat("mistral_v3", _mistral_v3, supports_tools=True),
+    "llama3": ChatFormat("llama3", _llama3, _LLAMA3_STOPS),
+    "llama3.1": ChatFormat("llama3.1", _llama3_1, _LLAMA3_STOPS, supports_tools=True),
+    "chatml": ChatFormat("chatml", _chatml, _CHATML_STOPS, supports_tools=True),
+    "qwen2": ChatFormat("qwen2", _chatml, _CHATML_STOPS, QWEN2_SYSTEM, supports_tools=True),
+    "qwen2.5": ChatFormat("qwen2.5", _chatml, _CHATML_STOPS, QWEN2_5_SYSTEM,
+                          supports_tools=True),
+    "qwen3": ChatFormat("qwen3", _qwen3, _CHATML_STOPS, supports_tools=True),
     "gemma": ChatFormat("gemma", _gemma, ("<end_of_turn>",)),
 }
 
