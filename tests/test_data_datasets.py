@@ -143,3 +143,17 @@ def test_dataloader_with_workers_pickles_the_lazy_source(tmp_path):
     ds = chat_dataset(TOK, p)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate, num_workers=1)
     assert sum(b["tokens"].shape[0] for b in loader) == 8
+
+
+def test_built_from_a_config_node(tmp_path):
+    config = pytest.importorskip("tunekit.config")
+    from omegaconf import OmegaConf
+
+    p = write_jsonl(tmp_path / "s.jsonl", [{"dialog": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    node = OmegaConf.create({"_component_": "tunekit.data.chat_dataset", "source": [str(p)], "format": "sharegpt",
+                             "column_map": {"conversations": "dialog"}, "max_seq_len": 64, "packed": True})
+    ds = config.instantiate(node, TOK)
+    assert ds.num_documents == 1 and TOK.decode(ds[0]["tokens"].tolist()) == "qa"
+    node.max_seq_length = 64  # misspelt: must not pass silently
+    with pytest.raises(TypeError, match="max_seq_length"):
+        config.instantiate(node, TOK)
