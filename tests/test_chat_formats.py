@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+import sentencepiece as spm
 from test_tokenizers import (  # noqa: F401  (fixtures are used by name)
     QWEN2_PATTERN,
     QWEN_SPECIALS,
@@ -16,6 +17,7 @@ from test_tokenizers import (  # noqa: F401  (fixtures are used by name)
     llama_sp,
     qwen_json,
     train_bytelevel_bpe,
+    train_sentencepiece,
     write_config,
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -254,10 +256,8 @@ MISTRAL_V3_TOOL_CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def mistral_v3_pair(tmp_path_factory):
-    from test_tokenizers import train_sentencepiece
     folder = tmp_path_factory.mktemp("mistral_v3")
     model = train_sentencepiece(folder, dummy_prefix=True, control=MISTRAL_V3_CONTROL)
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(model))
     added = {str(sp.piece_to_id(t)): {"content": t, "special": True}
              for t in ["<unk>", "<s>", "</s>", *MISTRAL_V3_CONTROL]}
