@@ -225,7 +225,7 @@ def check_data(train, eval=None, *, tokenizer=None, format: str = "auto",
     for a, b, sim in near_duplicate_pairs(minhash_signatures([ids[i] for i in reps]), near_dup_threshold):
         report.near_duplicates.append((examples[reps[a]].where, examples[reps[b]].where, sim))
     if eval is not None:
-        eval_examples, eval_bad, _ = read_examples(eval, format=fmt if format == "auto" else format,
+        eval_examples, eval_bad, _ = read_examples(eval, format=format,  # "auto" detects it anew
                                                    column_map=column_map, text_split=text_split)
         report.num_eval_rows = len(eval_examples) + len(eval_bad)
         report.bad_rows += eval_bad
