@@ -200,8 +200,9 @@ def _convert_openai(value: Any, field: str) -> list[Message]:
             raise DataError(f"expected a message object, got {type(msg).__name__}", field=f"{field}[{i}]")
         out = {"role": msg.get("role"),
                "content": _openai_content(msg.get("content") or "", f"{field}[{i}].content")}
-        if msg.get("tool_calls"):
-            out["tool_calls"] = msg["tool_calls"]
+        for key in ("tool_calls", "tool_call_id", "name"):  # chat formats may render these
+            if msg.get(key):
+                out[key] = msg[key]
         messages.append(out)
     return messages
 
