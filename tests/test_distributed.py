@@ -56,7 +56,30 @@ def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer)
 
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory):
+def two_nodes(tmp_path_factory):
+    """Two torchrun launches (``--nnodes 2 --nproc_per_node 1``, c10d rendezvous on 127.0.0.1),
+    started early so their start-up overlaps the 2-process launch below."""
+    root = tmp_path_factory.mktemp("nodes")
+    port = _free_port()
+    procs = []
+    for node_rank in (0, 1):
+        out = root / f"node{node_rank}"
+        out.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", "tunekit-test", str(SCRIPT), "--out", str(out), "--quick"]
+        # output to files, not pipes: nobody reads these pipes while the other launch runs
+        with open(root / f"node{node_rank}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()))
+    yield root, procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory, two_nodes):
     """One 2-process torchrun: every check of train_check.py, resuming a 1-process checkpoint."""
     root = tmp_path_factory.mktemp("dist")
     one = root / "one_process"
@@ -100,6 +123,7 @@ def test_memory_lean_full_state_dict_load_and_qlora(launch):
     assert r0["local_numel_fraction"] == pytest.approx(0.5, abs=0.02)  # each rank holds half
     assert r0["load_full_diff"] == 0.0 and r0["load_full_all_ranks_diff"] == 0.0
     assert r0["qlora_loss_diff"] <= 1e-5 and r0["qlora_adapter_diff"] <= 1e-5
+    assert r0["qlora_base_gather_diff"] == 0.0
     assert r0["bf16_loss_rel_diff"] <= 2e-2
 
 
@@ -125,25 +149,12 @@ def test_resume_two_process_checkpoint_on_one(launch):
             torch.testing.assert_close(torch.as_tensor(loaded[fqn][name]), torch.as_tensor(value), rtol=0, atol=0)
 
 
-def test_two_node_c10d_rendezvous(tmp_path):
-    port = _free_port()
-    procs = []
-    for node_rank in (0, 1):
-        out = tmp_path / f"node{node_rank}"
-        out.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-               "--rdzv_id", "tunekit-test", str(SCRIPT), "--out", str(out), "--quick"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()))
-    try:
-        outputs = [p.communicate(timeout=LAUNCH_TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        _check(p, out, err)
-    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("node*/results_rank*.json"))]
+def test_two_node_c10d_rendezvous(two_nodes):
+    root, procs = two_nodes
+    for node_rank, p in enumerate(procs):
+        p.wait(timeout=LAUNCH_TIMEOUT)
+        _check(p, "", (root / f"node{node_rank}.log").read_text())
+    results = [json.loads(f.read_text()) for f in sorted(root.glob("node*/results_rank*.json"))]
     assert len(results) == 2 and all(r["world_size"] == 2 for r in results)
     assert results[0]["losses"] == results[1]["losses"]
     assert results[0]["norms"] == results[1]["norms"]

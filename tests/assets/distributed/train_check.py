@@ -152,6 +152,13 @@ def check_qlora(rank, world_size, results):
         assert adapters.keys() == ref_adapters.keys(), (sorted(adapters), sorted(ref_adapters))
         assert set(lora_state_dict(ref)) <= set(adapters)
         results["qlora_adapter_diff"] = max(close(adapters[k], ref_adapters[k], f"adapter {k}") for k in adapters)
+    # the full gather returns the frozen bases as NF4 again (dequantize before writing safetensors)
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        base = full["layers.0.w1.weight"]
+        assert type(base).__name__ == "NF4Tensor", type(base)
+        results["qlora_base_gather_diff"] = close(
+            base.get_original_weight(), ref.layers[0].w1.weight.get_original_weight(), "gathered NF4 base")
 
 
 def check_bf16(rank, world_size, results):
