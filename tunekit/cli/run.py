@@ -1,9 +1,9 @@
-"""``tunekit run [torchrun options] <recipe> --config <name|path> [overrides]``.
+"""tunekit run [torchrun options] <recipe> --config <name|path> [overrides]
 
-Without torchrun options the recipe runs in this process, as ``python <recipe> --config ...``
-would. With them (every option before the recipe, e.g. ``--nproc_per_node 2``) it is launched
-through ``python -m torch.distributed.run``; only ``*_distributed.py`` recipes accept them. The
-config is loaded and validated first, so a typo fails in a second, not after the launch.
+Without torchrun options the recipe runs in this process, as `python <recipe> --config ...`
+would. With them (every option before the recipe, e.g. `--nproc_per_node 2 --standalone`) it is
+launched through `python -m torch.distributed.run`; only `*_distributed.py` recipes accept them.
+The config is loaded and validated first, so a typo fails in a second, not after the launch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tunekit.cli.errors import UsageError
 from tunekit.config import load, validate
-from tunekit.config.catalog import find_config, find_recipe
+from tunekit.config.catalog import builtin_recipes, find_config, find_recipe
+from tunekit.config.errors import did_you_mean
 from tunekit.config.loading import split_config_arg
 
 _USAGE = "tunekit run [torchrun options] <recipe|recipe.py> --config <name|path.yaml> [overrides ...]"
@@ -32,21 +33,25 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run, print_help=p.print_help)
 
 
-def _torchrun_flags() -> set[str]:
-    """torchrun options that take no value (``--standalone``), from torchrun's own parser."""
+def _torchrun_options() -> tuple[set[str], set[str]]:
+    """(all torchrun options, those taking no value like ``--standalone``), from torchrun's parser."""
     from torch.distributed.run import get_args_parser
 
-    parser = get_args_parser()
-    return {o for a in parser._actions if a.nargs == 0 for o in a.option_strings}
+    actions = get_args_parser()._actions
+    return ({o for a in actions for o in a.option_strings},
+            {o for a in actions if a.nargs == 0 for o in a.option_strings})
 
 
 def split_run_args(argv: list[str]) -> tuple[list[str], str, list[str]]:
     """``[*torchrun_opts, recipe, *recipe_args]`` -> ``(torchrun_opts, recipe, recipe_args)``."""
     opts: list[str] = []
     i = 0
-    flags = _torchrun_flags() if argv and argv[0].startswith("-") else set()
+    known, flags = _torchrun_options() if argv and argv[0].startswith("-") else (set(), set())
     while i < len(argv) and argv[i].startswith("-"):
         opt = argv[i]
+        if opt.split("=", 1)[0] not in known:
+            raise UsageError(f"unknown torchrun option {opt}{did_you_mean(opt, known)} "
+                             f"(see `python -m torch.distributed.run --help`); usage: {_USAGE}")
         takes_value = "=" not in opt and opt not in flags
         if takes_value and i + 1 >= len(argv):
             raise UsageError(f"torchrun option {opt} needs a value; usage: {_USAGE}")
@@ -55,6 +60,14 @@ def split_run_args(argv: list[str]) -> tuple[list[str], str, list[str]]:
     if i >= len(argv):
         raise UsageError(f"missing recipe; usage: {_USAGE}")
     return opts, argv[i], argv[i + 1:]
+
+
+def _distributed_twin(recipe: Path) -> str:
+    """full_finetune_single_device -> full_finetune_distributed, when that recipe exists."""
+    twin = recipe.stem.removesuffix("_single_device") + "_distributed"
+    if twin in builtin_recipes() or (recipe.parent / f"{twin}.py").is_file():
+        return twin
+    return "a *_distributed recipe"
 
 
 def _run_in_process(recipe: Path, recipe_argv: list[str]) -> int:
@@ -77,9 +90,8 @@ def run(args: argparse.Namespace) -> int:
     torchrun_opts, recipe_name, rest = split_run_args(args.argv)
     recipe = find_recipe(recipe_name)
     if torchrun_opts and not recipe.name.endswith("_distributed.py"):
-        distributed = recipe.stem.replace("_single_device", "") + "_distributed"
-        raise UsageError(f"recipe {recipe.stem} runs on one device; use {distributed} for "
-                         f"{' '.join(torchrun_opts)}")
+        raise UsageError(f"recipe {recipe.stem} runs on one device; use {_distributed_twin(recipe)} "
+                         f"for {' '.join(torchrun_opts)}")
     config, overrides = split_config_arg(rest)
     config_path = find_config(config)
     validate(load(config_path, overrides), source=config)

@@ -30,6 +30,7 @@ def main(cfg) -> None:
     dist.all_reduce(loss)
     if rank == 0:
         write_result(cfg, model, (loss / world).tolist(), world_size=world)
+    dist.barrier()  # no rank tears gloo down while another is still using it
     dist.destroy_process_group()
 
 
