@@ -60,11 +60,11 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         indices = self._indices()
-        # A fully consumed epoch iterated again (without set_epoch) starts over, as torch's samplers do.
-        start = self.position if self.position < len(indices) else 0
-        for i in range(start, len(indices)):
+        for i in range(self.position, len(indices)):
             self.position = i + 1
             yield indices[i]
+        # Epoch finished (or restored as finished): iterating again without set_epoch starts over.
+        self.position = 0
 
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
         """{"epoch", "position", "seed", "dataset_len"}; ``consumed`` overrides the position

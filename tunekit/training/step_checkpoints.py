@@ -146,3 +146,14 @@ def load_recipe_state(checkpoint_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: no recipe state in this checkpoint; it cannot be resumed "
                                 "(start without resume=true or pick another output_dir)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_to_resume(output_dir: str | os.PathLike, resume: bool) -> Path | None:
+    """The step folder a run continues from: the newest complete one when ``resume`` (None if
+    there is none yet: a fresh start), None otherwise. A fresh run refuses an ``output_dir`` that
+    already holds checkpoints rather than mixing two runs in one folder."""
+    latest = find_latest_checkpoint(output_dir)
+    if resume or latest is None:
+        return latest
+    raise ValueError(f"output_dir={output_dir} already holds checkpoints (newest: {latest.name}); pass resume=true "
+                     "to continue that run, or choose another output_dir")

@@ -1,0 +1,156 @@
+"""LoRA, DoRA and QLoRA fine-tuning on one device (CPU or one accelerator).
+
+    tunekit run lora_finetune_single_device --config tiny/lora
+    tunekit run lora_finetune_single_device --config llama3_2/1B_lora lora.use_dora=true
+    tunekit run lora_finetune_single_device --config llama3_1/8B_qlora resume=true
+
+The base weights are frozen (stored as NF4 with ``lora.quantize_base: true``); only the adapters
+train. Every ``save_every_n_steps`` steps (and at the end, or on Ctrl-C) the recipe writes
+``<output_dir>/step_<N>/``: the merged model in Hugging Face format, ``adapter/`` in PEFT format
+and ``recipe_state/`` for ``resume=true``. docs/recipes.md explains every config key.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tunekit.config
+from tunekit.config import instantiate
+from tunekit.modules.peft import apply_lora, load_peft_adapter, merged_state_dict, save_peft_adapter
+from tunekit.training.activation_checkpointing import apply_activation_checkpointing
+from tunekit.training.checkpoint_hf import read_hf_config, save_hf_checkpoint
+from tunekit.training.data_loaders import eval_loader, train_loader
+from tunekit.training.device import get_device, get_dtype
+from tunekit.training.interrupt import stop_on_sigint
+from tunekit.training.metric_logging import MetricLogger, peak_memory_gib, reset_peak_memory
+from tunekit.training.resume import restore_training_state, training_state
+from tunekit.training.rng import set_seed
+from tunekit.training.sampler import ResumableSampler
+from tunekit.training.step_checkpoints import (
+    checkpoint_to_resume,
+    load_recipe_state,
+    save_recipe_state,
+    save_step_checkpoint,
+)
+from tunekit.training.train_step import accumulate_gradients, accumulation_groups, clip_gradients, evaluate_loss
+
+log = logging.getLogger("tunekit.recipes.lora_finetune_single_device")
+ADAPTER_DIR = "adapter"
+
+
+def build_model(cfg, device: torch.device, dtype: torch.dtype, resume_dir: Path | None) -> nn.Module:
+    """Base model from ``cfg.model`` with LoRA adapters (from ``resume_dir`` when resuming)."""
+    model = instantiate(cfg.model, dtype=dtype, device=device)
+    apply_lora(model, list(cfg.lora.targets), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+               dropout=cfg.lora.dropout, use_dora=cfg.lora.use_dora, quantize_base=cfg.lora.quantize_base)
+    if resume_dir is not None:
+        load_peft_adapter(model, resume_dir / ADAPTER_DIR)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        for layer in model.layers:  # per layer: compiles once, reused by every layer of the same shape
+            layer.compile()
+    return model
+
+
+def save_checkpoint(cfg, model: nn.Module, step: int, state: dict) -> Path:
+    """``step_<N>/``: merged HF model, PEFT adapter in ``adapter/`` and resume state, written
+    atomically. The adapter has its own folder because transformers (with peft installed) loads
+    a folder holding adapter_config.json as base + adapter, which would apply it twice on top of
+    the merged weights."""
+
+    def write(folder: Path) -> None:
+        save_hf_checkpoint(merged_state_dict(model), folder, hf_config=read_hf_config(cfg.checkpoint_dir),
+                           source_dir=cfg.checkpoint_dir)
+        save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=str(cfg.checkpoint_dir))
+        save_recipe_state(folder, state)
+
+    path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n)
+    log.info(f"saved {path}")
+    return path
+
+
+def main(cfg) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = get_device(cfg.device)
+    dtype = get_dtype(cfg.dtype, device)
+    resume_dir = checkpoint_to_resume(cfg.output_dir, cfg.resume)
+    set_seed(cfg.seed)
+
+    model = build_model(cfg, device, dtype, resume_dir)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} of "
+             f"{sum(p.numel() for p in model.parameters()):,}")
+
+    tokenizer = instantiate(cfg.tokenizer)
+    train_set = instantiate(cfg.dataset, tokenizer)
+    sampler = ResumableSampler(len(train_set), shuffle=cfg.shuffle, seed=cfg.seed)
+    loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    eval_sets = {name: eval_loader(instantiate(node, tokenizer), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+                 for name, node in (("val_loss", cfg.val_dataset), ("forget_loss", cfg.forget_dataset))
+                 if node is not None}
+
+    accumulation = cfg.gradient_accumulation_steps
+    steps_per_epoch = len(loader) // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(f"dataset: {len(train_set)} examples make {len(loader)} batches of batch_size={cfg.batch_size}, "
+                         f"fewer than gradient_accumulation_steps={accumulation}; lower one of them")
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    optimizer = instantiate(cfg.optimizer, trainable)
+    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
+
+    step, epoch = 0, 0
+    if resume_dir is not None:
+        step, epoch = restore_training_state(load_recipe_state(resume_dir), optimizer=optimizer,
+                                             lr_scheduler=lr_scheduler, sampler=sampler)
+        log.info(f"resumed from {resume_dir} at step {step}, epoch {epoch}")
+
+    logger = MetricLogger(cfg.output_dir, total_steps=total_steps, initial_step=step,
+                          log_every=cfg.log_every_n_steps, **cfg.metric_logging)
+    with stop_on_sigint() as stop, logger:
+        model.train()
+        while step < total_steps:
+            sampler.set_epoch(epoch)
+            consumed = sampler.position
+            for micro_batches in accumulation_groups(loader, accumulation):
+                reset_peak_memory(device)
+                start = time.perf_counter()
+                loss = accumulate_gradients(model, micro_batches, device=device, loss_chunks=cfg.loss_chunks)
+                grad_norm = clip_gradients(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                lr = lr_scheduler.get_last_lr()[0]
+                lr_scheduler.step()
+                step += 1
+                consumed += sum(len(b["tokens"]) for b in micro_batches)
+                tokens = sum(b["tokens"].numel() for b in micro_batches)
+                metrics = {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_second": tokens / (time.perf_counter() - start),
+                           "peak_memory_gib": peak_memory_gib(device)}
+                if step % cfg.eval_every_n_steps == 0 or step == total_steps:
+                    metrics.update({name: evaluate_loss(model, eval_data, device=device, loss_chunks=cfg.loss_chunks,
+                                                        max_batches=cfg.eval_max_batches)
+                                    for name, eval_data in eval_sets.items()})
+                logger.log(step, metrics)
+                if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set:
+                    state = training_state(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           sampler=sampler, consumed=consumed)
+                    save_checkpoint(cfg, model, step, state)
+                if stop.is_set:
+                    log.info(f"stopped at step {step}; continue with resume=true")
+                    return
+                if step == total_steps:
+                    break
+            else:
+                epoch += 1
+    log.info(f"done: {step} steps, checkpoints in {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    main(tunekit.config.parse(sys.argv[1:]))

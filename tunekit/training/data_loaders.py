@@ -1,0 +1,28 @@
+"""DataLoaders for the recipes: batches follow the Batch contract via each dataset's ``collate``."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tunekit.training.sampler import ResumableSampler
+
+
+def _loader(dataset: Dataset, batch_size: int, sampler, num_workers: int) -> DataLoader:
+    # A private generator: without it every iter(loader) draws a seed from torch's global RNG,
+    # and a resumed run (which starts iterating mid-epoch) would drift from the uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataset.collate,
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(0),
+                      persistent_workers=False)
+
+
+def train_loader(dataset: Dataset, *, batch_size: int, sampler: ResumableSampler, num_workers: int) -> DataLoader:
+    """Training batches in the (resumable) order of ``sampler``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return _loader(dataset, batch_size, sampler, num_workers)
+
+
+def eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int) -> DataLoader:
+    """Evaluation batches in dataset order."""
+    return _loader(dataset, batch_size, None, num_workers)

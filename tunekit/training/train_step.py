@@ -1,0 +1,87 @@
+"""One optimizer step of gradient accumulation, and the evaluation loss.
+
+The step's loss is the sum of token cross-entropies over all its micro-batches divided by the
+number of labelled tokens across them (docs/design.md), so 4 micro-batches of 1 give the same
+gradient as one batch of 4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from tunekit.training.losses import chunked_cross_entropy, count_label_tokens
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, loss_chunks: int) -> torch.Tensor:
+    """Summed token cross-entropy of one batch (tokens/labels [b, s], optional mask/input_pos)."""
+    logits = model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+    return chunked_cross_entropy(logits, batch["labels"], num_chunks=loss_chunks)
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,
+                         device: torch.device, loss_chunks: int, num_label_tokens: int | torch.Tensor | None = None,
+                         grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> float:
+    """Forward and backward every micro-batch, adding ``d(summed loss / N)`` to the gradients,
+    where N = ``num_label_tokens`` (default: the labelled tokens of ``micro_batches``; the
+    distributed recipes pass the count over all ranks). ``grad_sync(is_last)`` may return a
+    context that suppresses gradient reduction on all but the last micro-batch.
+    Returns this process's summed loss / N (the step loss on one device)."""
+    if num_label_tokens is None:
+        num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+    denominator = max(int(num_label_tokens), 1)
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        context = grad_sync(i == len(micro_batches) - 1) if grad_sync is not None else contextlib.nullcontext()
+        with context:
+            loss = batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks) / denominator
+            loss.backward()
+        total += loss.item()
+    return total
+
+
+def accumulation_groups(loader: Iterable[dict[str, torch.Tensor]], n: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Consecutive groups of ``n`` micro-batches (one optimizer step each); an incomplete last
+    group is dropped, so every step sees the same number of micro-batches."""
+    if n < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {n}")
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
+    """Clip by global L2 norm (``max_norm`` None: only measure) and return the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if max_norm is not None:
+        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], *, device: torch.device,
+                  loss_chunks: int, max_batches: int | None = None) -> float:
+    """Mean token cross-entropy over ``loader`` (the first ``max_batches`` batches), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        total += batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks).item()
+        count += count_label_tokens(batch["labels"])
+    model.train(was_training)
+    return total / max(count, 1)
