@@ -126,7 +126,7 @@ def _call(node: DictConfig, key: str, args: tuple, kwargs: dict) -> Any:
     return fn(*args, **built)
 
 
-def instantiate(node: DictConfig, *args: Any, **kwargs: Any) -> Any:
+def instantiate(node: DictConfig | dict | None, *args: Any, **kwargs: Any) -> Any:
     """Build the object a ``_component_`` node describes.
 
     ``args`` are passed first (positionally), ``kwargs`` override the node's own arguments.
@@ -134,6 +134,8 @@ def instantiate(node: DictConfig, *args: Any, **kwargs: Any) -> Any:
     """
     if node is None:
         return None
+    if isinstance(node, dict):
+        node = OmegaConf.create(node)
     if not _is_component(node):
         raise ConfigError(f"{_full_key(node)}: cannot instantiate a node without {_COMPONENT}")
     return _call(node, _full_key(node), args, kwargs)
