@@ -21,6 +21,9 @@ from tunekit.training.distributed import (
     global_token_count,
     init_distributed,
     is_distributed,
+    is_rank_zero,
+    local_device,
+    log_rank_zero,
     shard_model,
 )
 from tunekit.training.distributed_checkpoint import load_sharded_state, save_sharded_state
@@ -112,7 +115,8 @@ def test_sharded_training_matches_single_process(launch):
     r1 = json.loads((launch / "results_rank1.json").read_text())
     assert r0["world_size"] == r1["world_size"] == 2
     # the script raises above 1e-5; these are the measured differences (fp32)
-    for tag in ("fp32", "reshard_after_forward=False", "cpu_offload=True", "offload=True"):
+    for tag in ("fp32", "reshard_after_forward=False", "cpu_offload=True", "offload=True",
+                "activation_checkpointing=True"):
         assert r0[f"loss_diff[{tag}]"] <= 1e-5 and r1[f"loss_diff[{tag}]"] <= 1e-5
         assert r0[f"norm_diff[{tag}]"] <= 1e-5
         assert r0[f"param_diff[{tag}]"] <= 1e-5
@@ -194,7 +198,7 @@ def test_single_process_helpers_without_process_group():
     assert not is_distributed()
     assert get_world_size_and_rank() == (1, 0)
     labels = torch.tensor([[1, -100, 3], [-100, -100, 5]])
-    assert global_token_count([labels, labels[:1]]).item() == 5
+    assert global_token_count([labels, labels[:1]]) == 5
     torch.manual_seed(0)
     a, b = TinyDecoder(), TinyDecoder()
     b.load_state_dict(a.state_dict())
@@ -240,3 +244,23 @@ def test_unshardable_nf4_weight_is_reported():
     _check_nf4_shardable(model, 1)
     with pytest.raises(ValueError, match=r"NF4 weight 'layers.0.w1.weight' \[128, 64\] cannot be split across 2"):
         _check_nf4_shardable(model, 2)
+
+
+def test_rank_zero_logging_and_local_device(caplog, monkeypatch):
+    import logging
+
+    logger = logging.getLogger("tunekit.test_distributed")
+    monkeypatch.setenv("RANK", "1")  # torchrun sets RANK before any process group exists
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_rank_zero()
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        log_rank_zero(logger, "from rank one")
+    assert "from rank one" not in caplog.text
+    assert local_device("cuda") == torch.device("cuda", 1)
+    assert local_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        log_rank_zero(logger, "from rank zero")
+    assert "from rank zero" in caplog.text
+    monkeypatch.delenv("LOCAL_RANK")
+    assert local_device("cuda:2") == torch.device("cuda", 2)

@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import logging
 import os
-import socket
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -32,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from tunekit.training.losses import IGNORE_INDEX, count_label_tokens
+
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -40,12 +41,6 @@ def _available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS / Windows
         return os.cpu_count() or 1
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_distributed() -> bool:
@@ -61,16 +56,21 @@ def get_world_size_and_rank() -> tuple[int, int]:
 
 
 def is_rank_zero() -> bool:
-    return get_world_size_and_rank()[1] == 0
+    """True on global rank 0; before the process group exists, from torchrun's ``RANK``."""
+    if is_distributed():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def local_device(device: torch.device | str) -> torch.device:
-    """The device this process computes on: ``cuda:LOCAL_RANK`` (any accelerator) for an
-    accelerator type, the device itself for CPU."""
+    """The device this process computes on: under torchrun ``<type>:LOCAL_RANK`` for an
+    accelerator (cuda, xpu, ...), else the given device (index 0 if none); CPU as given."""
     device = torch.device(device)
-    if device.type == "cpu" or device.index is not None:
+    if device.type == "cpu":
         return device
-    return torch.device(device.type, int(os.environ.get("LOCAL_RANK", 0)))
+    if "LOCAL_RANK" in os.environ:
+        return torch.device(device.type, int(os.environ["LOCAL_RANK"]))
+    return torch.device(device.type, device.index or 0)
 
 
 def init_distributed(device: torch.device | str, *, timeout_minutes: float = 30.0) -> tuple[int, int]:
@@ -78,24 +78,24 @@ def init_distributed(device: torch.device | str, *, timeout_minutes: float = 30.
 
     The backend follows the device type (nccl on CUDA, xccl on XPU, gloo on CPU). Under torchrun
     the rendezvous comes from its environment; in a plain ``python`` process a one-process group
-    is created on a free local port so the same recipe code runs unchanged. On an accelerator the
+    is created in memory so the same recipe code runs unchanged. On an accelerator the
     current device becomes ``LOCAL_RANK``; on CPU each rank gets ``cores // local_world_size``
     threads so ranks sharing a machine do not oversubscribe its cores. Idempotent.
     """
     device = torch.device(device)
     if not dist.is_available():
         raise RuntimeError("init_distributed: this torch build has no torch.distributed support")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.type != "cpu":
         if not torch.accelerator.is_available() or torch.accelerator.current_accelerator().type != device.type:
             raise ValueError(f"init_distributed: device '{device}' is not available on this machine; use device=cpu")
-        if local_rank >= torch.accelerator.device_count():
+        index = local_device(device).index
+        if index >= torch.accelerator.device_count():
             raise ValueError(
-                f"init_distributed: LOCAL_RANK={local_rank} but only {torch.accelerator.device_count()} "
-                f"{device.type} devices are visible; lower --nproc_per_node"
+                f"init_distributed: this process needs {device.type}:{index} (LOCAL_RANK) but only "
+                f"{torch.accelerator.device_count()} {device.type} devices are visible; lower --nproc_per_node"
             )
-        torch.accelerator.set_device_index(local_rank)
+        torch.accelerator.set_device_index(index)
     else:
         torch.set_num_threads(max(1, _available_cores() // max(1, local_world_size)))
 
@@ -105,10 +105,8 @@ def init_distributed(device: torch.device | str, *, timeout_minutes: float = 30.
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if all(v in os.environ for v in _TORCHRUN_VARS):
         dist.init_process_group(backend=backend, timeout=timeout)
-    else:
-        dist.init_process_group(
-            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
-        )
+    else:  # plain `python recipe.py`: an in-memory store, no port to pick
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -270,18 +268,28 @@ def no_grad_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             m.set_requires_gradient_sync(True, recurse=False)
 
 
-def global_token_count(labels: torch.Tensor | Iterable[torch.Tensor], ignore_index: int = -100) -> torch.Tensor:
+def _communication_device() -> torch.device:
+    # gloo reduces CPU tensors; nccl / xccl only accelerator tensors.
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def global_token_count(labels: torch.Tensor | Iterable[torch.Tensor], ignore_index: int = IGNORE_INDEX) -> int:
     """Number of labels != ``ignore_index`` over the given micro-batches (one tensor or a list of
-    ``labels`` [b, s]) summed over all ranks: the loss denominator of one optimizer step.
-    Returns an int64 scalar on the labels' device. Collective when distributed."""
+    ``labels`` [b, s], on any device) summed over all ranks: the loss denominator of one
+    optimizer step. Collective when distributed: every rank must call it."""
     if isinstance(labels, torch.Tensor):
         labels = [labels]
     labels = list(labels)
     if not labels:
         raise ValueError("global_token_count: no micro-batches given")
-    count = sum((lab != ignore_index).sum() for lab in labels).to(torch.int64)
+    count = sum(count_label_tokens(lab, ignore_index) for lab in labels)
     if is_distributed():
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        total = torch.tensor(count, dtype=torch.int64, device=_communication_device())
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        count = int(total.item())
     return count
 
 

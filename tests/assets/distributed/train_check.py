@@ -224,12 +224,7 @@ def main():
         check_qlora(rank, world_size, results)
         check_training(rank, world_size, results, cpu_offload=True)
         check_training(rank, world_size, results, offload=True)
-        try:
-            import tunekit.training.activation_checkpointing  # noqa: F401  (written by another area)
-        except ImportError:
-            results["activation_checkpointing"] = "skipped: tunekit.training.activation_checkpointing missing"
-        else:
-            check_training(rank, world_size, results, activation_checkpointing=True)
+        check_training(rank, world_size, results, activation_checkpointing=True)
     (args.out / f"results_rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
 
