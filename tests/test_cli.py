@@ -65,6 +65,9 @@ def test_cp_recipe_and_config(builtin, tmp_path, capsys):
     assert run_cli("cp", "fam/lora", dest / "my_lora") == 0  # the suffix is added
     assert (dest / "my_lora.yaml").read_text() == (builtin / "configs" / "fam" / "lora.yaml").read_text()
     assert run_cli("cp", "fam/lora", tmp_path / "new" / "sub" / "x.yaml") == 0  # parents are created
+    assert (tmp_path / "new" / "sub" / "x.yaml").is_file()
+    assert run_cli("cp", "fam/lora", f"{tmp_path / 'folder'}/") == 0  # a trailing / means a folder
+    assert (tmp_path / "folder" / "lora.yaml").is_file()
     assert "copied fam/lora to" in capsys.readouterr().out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def source_file(name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     src = source_file(args.name)
     dest = Path(args.dest)
+    if args.dest.endswith(("/", os.sep)):  # `tunekit cp tiny/lora new_folder/`
+        dest.mkdir(parents=True, exist_ok=True)
     if dest.is_dir():
         dest = dest / src.name
     elif not dest.suffix:  # `tunekit cp tiny/lora my_lora` -> my_lora.yaml
