@@ -138,7 +138,9 @@ def shard_model(
     Args:
         mp_dtype: compute dtype (e.g. torch.bfloat16); parameters keep their stored dtype and are
             cast when gathered. None = compute in the stored dtype.
-        reduce_dtype: dtype of the gradient reduce-scatter (fp32 keeps sums exact-ish in bf16 runs).
+        reduce_dtype: with ``mp_dtype``, the dtype gradients are reduced in (fp32 keeps the sum
+            over ranks accurate in bf16 runs). Without ``mp_dtype`` gradients are reduced in the
+            parameters' own dtype.
         reshard_after_forward: free gathered layer weights after forward (ZeRO-3); False keeps
             them until backward (ZeRO-2 like: more memory, fewer all-gathers).
         activation_checkpointing: recompute each layer's activations in backward; applied before
