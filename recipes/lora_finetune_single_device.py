@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,10 +24,10 @@ from tunekit.config import instantiate
 from tunekit.modules.peft import apply_lora, load_peft_adapter, merged_state_dict, save_peft_adapter
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
 from tunekit.training.checkpoint_hf import read_hf_config, save_hf_checkpoint
-from tunekit.training.data_loaders import eval_loader, train_loader
+from tunekit.training.data_loaders import count_training_steps, eval_loader, train_loader
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.interrupt import stop_on_sigint
-from tunekit.training.metric_logging import MetricLogger, peak_memory_gib, reset_peak_memory
+from tunekit.training.metric_logging import MetricLogger
 from tunekit.training.resume import restore_training_state, training_state
 from tunekit.training.rng import set_seed
 from tunekit.training.sampler import ResumableSampler
@@ -38,7 +37,7 @@ from tunekit.training.step_checkpoints import (
     save_recipe_state,
     save_step_checkpoint,
 )
-from tunekit.training.train_step import accumulate_gradients, accumulation_groups, clip_gradients, evaluate_loss
+from tunekit.training.train_step import accumulation_groups, evaluate_loss, optimizer_step
 
 log = logging.getLogger("tunekit.recipes.lora_finetune_single_device")
 ADAPTER_DIR = "adapter"
@@ -96,12 +95,8 @@ def main(cfg) -> None:
                  for name, node in (("val_loss", cfg.val_dataset), ("forget_loss", cfg.forget_dataset))
                  if node is not None}
 
-    accumulation = cfg.gradient_accumulation_steps
-    steps_per_epoch = len(loader) // accumulation
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset: {len(train_set)} examples make {len(loader)} batches of batch_size={cfg.batch_size}, "
-                         f"fewer than gradient_accumulation_steps={accumulation}; lower one of them")
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    _, total_steps = count_training_steps(len(loader), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                          epochs=cfg.epochs, max_steps=cfg.max_steps)
     optimizer = instantiate(cfg.optimizer, trainable)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
 
@@ -118,21 +113,13 @@ def main(cfg) -> None:
         while step < total_steps:
             sampler.set_epoch(epoch)
             consumed = sampler.position
-            for micro_batches in accumulation_groups(loader, accumulation):
-                reset_peak_memory(device)
-                start = time.perf_counter()
-                loss = accumulate_gradients(model, micro_batches, device=device, loss_chunks=cfg.loss_chunks)
-                grad_norm = clip_gradients(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                lr = lr_scheduler.get_last_lr()[0]
-                lr_scheduler.step()
+            for micro_batches in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+                metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
+                                         lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
+                                         max_grad_norm=cfg.max_grad_norm)
                 step += 1
                 consumed += sum(len(b["tokens"]) for b in micro_batches)
-                tokens = sum(b["tokens"].numel() for b in micro_batches)
-                metrics = {"epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_second": tokens / (time.perf_counter() - start),
-                           "peak_memory_gib": peak_memory_gib(device)}
+                metrics["epoch"] = epoch
                 if step % cfg.eval_every_n_steps == 0 or step == total_steps:
                     metrics.update({name: evaluate_loss(model, eval_data, device=device, loss_chunks=cfg.loss_chunks,
                                                         max_batches=cfg.eval_max_batches)

@@ -1,7 +1,7 @@
 """End-to-end runs of the single-device recipes on a tiny random Llama (built here with
 transformers) and a small chat dataset, on CPU."""
 
-import importlib
+import importlib.util
 import json
 import os
 import random
@@ -14,7 +14,17 @@ import torch
 import tunekit.config
 from tunekit.config.resolvers import asset_path
 
-lora_recipe = importlib.import_module("recipes.lora_finetune_single_device")
+def load_recipe(name):
+    """The recipe script as a module (recipes/ is not an importable package in a source checkout)."""
+    from tunekit import _paths
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", _paths.recipes_dir() / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lora_recipe = load_recipe("lora_finetune_single_device")
 
 WORDS = "apple river stone cloud green quick lamp north paper silver train window".split()
 

@@ -26,3 +26,15 @@ def train_loader(dataset: Dataset, *, batch_size: int, sampler: ResumableSampler
 def eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int) -> DataLoader:
     """Evaluation batches in dataset order."""
     return _loader(dataset, batch_size, None, num_workers)
+
+
+def count_training_steps(num_batches: int, *, gradient_accumulation_steps: int, epochs: int,
+                         max_steps: int | None) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps of the run) for ``num_batches``
+    micro-batches per epoch; ``max_steps`` caps the total."""
+    per_epoch = num_batches // gradient_accumulation_steps
+    if per_epoch == 0:
+        raise ValueError(f"dataset: {num_batches} batches per epoch are fewer than gradient_accumulation_steps="
+                         f"{gradient_accumulation_steps}; lower batch_size or gradient_accumulation_steps")
+    total = epochs * per_epoch
+    return per_epoch, total if max_steps is None else min(max_steps, total)

@@ -8,12 +8,14 @@ gradient as one batch of 4.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from tunekit.training.losses import chunked_cross_entropy, count_label_tokens
+from tunekit.training.metric_logging import peak_memory_gib, reset_peak_memory
 
 
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -69,6 +71,27 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -
     if max_norm is not None:
         nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
+
+
+def optimizer_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,
+                   parameters: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
+                   lr_scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, loss_chunks: int,
+                   max_grad_norm: float | None) -> dict[str, float]:
+    """One training step on one device: accumulate the micro-batches' gradients, clip
+    ``parameters``, step the optimizer and the lr schedule. Returns the step's metrics: loss, lr
+    (the lr this step used), grad_norm, tokens_per_second (input tokens incl. padding) and
+    peak_memory_gib."""
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    loss = accumulate_gradients(model, micro_batches, device=device, loss_chunks=loss_chunks)
+    grad_norm = clip_gradients(parameters, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = lr_scheduler.get_last_lr()[0]
+    lr_scheduler.step()
+    tokens = sum(b["tokens"].numel() for b in micro_batches)
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_second": tokens / (time.perf_counter() - start), "peak_memory_gib": peak_memory_gib(device)}
 
 
 @torch.no_grad()

@@ -1,0 +1,136 @@
+"""Full fine-tuning on one device (CPU or one accelerator): every weight trains.
+
+    tunekit run full_finetune_single_device --config tiny/full
+    tunekit run full_finetune_single_device --config llama3_2/1B_full dtype=bf16 resume=true
+
+``dtype: bf16`` keeps the weights, gradients and optimizer state in bf16 (pure bf16: half the
+memory of fp32 and ~1.8x faster on CPUs with bf16 units; norms and softmax still compute in
+fp32 inside the model). Every ``save_every_n_steps`` steps (and at the end, or on Ctrl-C) the
+recipe writes ``<output_dir>/step_<N>/``: the model in Hugging Face format and ``recipe_state/``
+for ``resume=true``. docs/recipes.md explains every config key.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tunekit.config
+from tunekit.config import instantiate
+from tunekit.training.activation_checkpointing import apply_activation_checkpointing
+from tunekit.training.checkpoint_hf import read_hf_config, save_hf_checkpoint
+from tunekit.training.data_loaders import count_training_steps, eval_loader, train_loader
+from tunekit.training.device import get_device, get_dtype
+from tunekit.training.interrupt import stop_on_sigint
+from tunekit.training.metric_logging import MetricLogger
+from tunekit.training.resume import restore_training_state, training_state
+from tunekit.training.rng import set_seed
+from tunekit.training.sampler import ResumableSampler
+from tunekit.training.step_checkpoints import (
+    checkpoint_to_resume,
+    load_recipe_state,
+    save_recipe_state,
+    save_step_checkpoint,
+)
+from tunekit.training.train_step import accumulation_groups, evaluate_loss, optimizer_step
+
+log = logging.getLogger("tunekit.recipes.full_finetune_single_device")
+
+
+def build_model(cfg, device: torch.device, dtype: torch.dtype, resume_dir: Path | None) -> nn.Module:
+    """The model of ``cfg.model``, with the weights of ``resume_dir`` when resuming."""
+    if resume_dir is not None:
+        model = instantiate(cfg.model, checkpoint_dir=resume_dir, dtype=dtype, device=device)
+    else:
+        model = instantiate(cfg.model, dtype=dtype, device=device)
+    model.requires_grad_(True)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        for layer in model.layers:  # per layer: compiles once, reused by every layer of the same shape
+            layer.compile()
+    return model
+
+
+def save_checkpoint(cfg, model: nn.Module, step: int, state: dict) -> Path:
+    """``step_<N>/``: the HF model and the resume state, written atomically."""
+
+    def write(folder: Path) -> None:
+        save_hf_checkpoint(model.state_dict(), folder, hf_config=read_hf_config(cfg.checkpoint_dir),
+                           source_dir=cfg.checkpoint_dir)
+        save_recipe_state(folder, state)
+
+    path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n)
+    log.info(f"saved {path}")
+    return path
+
+
+def main(cfg) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = get_device(cfg.device)
+    dtype = get_dtype(cfg.dtype, device)
+    resume_dir = checkpoint_to_resume(cfg.output_dir, cfg.resume)
+    set_seed(cfg.seed)
+
+    model = build_model(cfg, device, dtype, resume_dir)
+    trainable = list(model.parameters())
+    log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,}")
+
+    tokenizer = instantiate(cfg.tokenizer)
+    train_set = instantiate(cfg.dataset, tokenizer)
+    sampler = ResumableSampler(len(train_set), shuffle=cfg.shuffle, seed=cfg.seed)
+    loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    eval_sets = {name: eval_loader(instantiate(node, tokenizer), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+                 for name, node in (("val_loss", cfg.val_dataset), ("forget_loss", cfg.forget_dataset))
+                 if node is not None}
+
+    _, total_steps = count_training_steps(len(loader), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                          epochs=cfg.epochs, max_steps=cfg.max_steps)
+    optimizer = instantiate(cfg.optimizer, trainable)
+    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
+
+    step, epoch = 0, 0
+    if resume_dir is not None:
+        step, epoch = restore_training_state(load_recipe_state(resume_dir), optimizer=optimizer,
+                                             lr_scheduler=lr_scheduler, sampler=sampler)
+        log.info(f"resumed from {resume_dir} at step {step}, epoch {epoch}")
+
+    logger = MetricLogger(cfg.output_dir, total_steps=total_steps, initial_step=step,
+                          log_every=cfg.log_every_n_steps, **cfg.metric_logging)
+    with stop_on_sigint() as stop, logger:
+        model.train()
+        while step < total_steps:
+            sampler.set_epoch(epoch)
+            consumed = sampler.position
+            for micro_batches in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+                metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
+                                         lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
+                                         max_grad_norm=cfg.max_grad_norm)
+                step += 1
+                consumed += sum(len(b["tokens"]) for b in micro_batches)
+                metrics["epoch"] = epoch
+                if step % cfg.eval_every_n_steps == 0 or step == total_steps:
+                    metrics.update({name: evaluate_loss(model, eval_data, device=device, loss_chunks=cfg.loss_chunks,
+                                                        max_batches=cfg.eval_max_batches)
+                                    for name, eval_data in eval_sets.items()})
+                logger.log(step, metrics)
+                if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set:
+                    state = training_state(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           sampler=sampler, consumed=consumed)
+                    save_checkpoint(cfg, model, step, state)
+                if stop.is_set:
+                    log.info(f"stopped at step {step}; continue with resume=true")
+                    return
+                if step == total_steps:
+                    break
+            else:
+                epoch += 1
+    log.info(f"done: {step} steps, checkpoints in {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    main(tunekit.config.parse(sys.argv[1:]))
