@@ -3,6 +3,7 @@ transformers) and a small chat dataset, on CPU."""
 
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -111,3 +112,125 @@ def test_lora_recipe_trains_and_checkpoint_loads_in_transformers_and_peft(tiny_r
     assert (ours - base_logits).abs().max() > 1e-2  # the adapter changed the model
     torch.testing.assert_close(merged, ours, atol=1e-4, rtol=0)
     torch.testing.assert_close(peft_logits, ours, atol=1e-4, rtol=0)
+
+
+full_recipe = load_recipe("full_finetune_single_device")
+
+
+def test_full_recipe_trains_and_checkpoint_matches_transformers(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.models import from_hf
+
+    out = tmp_path / "run"
+    full_recipe.main(make_cfg("tiny/full", tiny_run, out, "optimizer.lr=3e-3", "max_steps=6",
+                              "activation_checkpointing=true"))
+    rows = read_metrics(out)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    step_dir = out / "step_6"
+    tokens = torch.randint(3, 1024, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = from_hf(step_dir)(tokens)
+        theirs = AutoModelForCausalLM.from_pretrained(step_dir).eval()(tokens).logits
+        base = from_hf(tiny_run[0])(tokens)
+    assert (ours - base).abs().max() > 1e-2
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+class _SigintAtStep:
+    """Wraps optimizer_step: sends a real SIGINT (as Ctrl-C would) during step ``at``."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner(*args, **kwargs)
+
+
+RESUME_ARGS = ("max_steps=7", "epochs=3", "gradient_accumulation_steps=2", "lora.dropout=0.1", "optimizer.lr=1e-2",
+               "save_every_n_steps=100", "eval_every_n_steps=100")
+
+
+def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+    # 24 examples / (batch 4 x accumulation 2) = 3 steps per epoch: the run crosses two epoch ends,
+    # is interrupted mid-epoch at step 4, and uses dropout (RNG) and shuffling (sampler position).
+    full_run = tmp_path / "full"
+    lora_recipe.main(make_cfg("tiny/lora", tiny_run, full_run, *RESUME_ARGS))
+    expected = [r["loss"] for r in read_metrics(full_run)]
+    assert len(expected) == 7
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(lora_recipe, "optimizer_step", _SigintAtStep(lora_recipe.optimizer_step, at=4))
+    lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, *RESUME_ARGS))
+    assert [p.name for p in out.iterdir() if p.name.startswith("step_")] == ["step_4"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="resume=true"):
+        lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, *RESUME_ARGS))
+    lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, *RESUME_ARGS, "resume=true"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    assert [r["loss"] for r in rows] == expected  # exactly, not approximately
+
+
+def test_crash_inside_save_keeps_previous_checkpoint(tiny_run, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    calls = []
+
+    def save_adapter_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("simulated crash while writing step_4")
+        return real_save(*args, **kwargs)
+
+    real_save = lora_recipe.save_peft_adapter
+    monkeypatch.setattr(lora_recipe, "save_peft_adapter", save_adapter_then_crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, "max_steps=4", "save_every_n_steps=2"))
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "step_2"]  # no half step_4, no tmp folder
+    AutoModelForCausalLM.from_pretrained(out / "step_2")
+    monkeypatch.undo()
+    lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, "max_steps=4", "save_every_n_steps=2", "resume=true"))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert (out / "step_4" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_accumulation_4x1_equals_batch_4(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ("max_steps=3", "epochs=1", "shuffle=false", "optimizer.lr=1e-2", "max_grad_norm=null")
+    full_recipe.main(make_cfg("tiny/full", tiny_run, tmp_path / "a", "batch_size=4", "gradient_accumulation_steps=1", *args))
+    full_recipe.main(make_cfg("tiny/full", tiny_run, tmp_path / "b", "batch_size=1", "gradient_accumulation_steps=4", *args))
+    for ra, rb in zip(read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b"), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    wa = load_file(tmp_path / "a" / "step_3" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "step_3" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("config", ["tiny/qlora", "tiny/dora"])
+def test_qlora_and_dora_run(tiny_run, tmp_path, config):
+    from peft import PeftConfig
+
+    out = tmp_path / "run"
+    lora_recipe.main(make_cfg(config, tiny_run, out, "max_steps=3", "optimizer.lr=1e-2",
+                              "dtype=" + ("bf16" if config == "tiny/qlora" else "fp32")))
+    rows = read_metrics(out)
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    assert PeftConfig.from_pretrained(out / "step_3" / "adapter").use_dora == (config == "tiny/dora")
+
+
+def test_shipped_tiny_config_runs_as_is(tmp_path):
+    """The demo config with its shipped model and data, shortened to two steps."""
+    cfg = tunekit.config.load("tiny/lora", [f"output_dir={tmp_path}", "device=cpu", "max_steps=2", "batch_size=2",
+                                            "eval_max_batches=1", "eval_every_n_steps=2",
+                                            "metric_logging.progress_bar=false"])
+    lora_recipe.main(cfg)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and "val_loss" in rows[1] and "forget_loss" in rows[1]
+    assert any((tmp_path / "logs" / "tensorboard").iterdir())

@@ -259,6 +259,11 @@ def test_metric_logger_writes_jsonl_tensorboard_and_stdout(tmp_path, capsys):
     assert any((tmp_path / "logs" / "tensorboard").iterdir())
     out = capsys.readouterr().out
     assert "step=2" in out and "step=1 " not in out
+    # a run resumed from step 2 replaces what the interrupted run logged after it
+    with MetricLogger(tmp_path, total_steps=4, initial_step=2, tensorboard=False, progress_bar=False) as logger:
+        logger.log(3, {"loss": 9.0})
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 9.0)]
 
 
 def test_device_and_dtype_names():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -33,6 +34,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class MetricLogger:
     """Writes each step's metrics to every enabled sink.
 
@@ -42,20 +54,24 @@ class MetricLogger:
         initial_step: step to start the progress bar at (the resume step).
         log_every: print a stdout line every this many steps (the jsonl gets every step).
         stdout / tensorboard / progress_bar: enable each sink.
-    The jsonl is appended to, so a resumed run continues the same file.
+    A resumed run continues the same files: rows of steps after ``initial_step`` (logged by the
+    interrupted run after its last checkpoint) are dropped from the jsonl and purged from
+    TensorBoard, so each holds one curve.
     """
 
     def __init__(self, output_dir: str | Path, *, total_steps: int, initial_step: int = 0, log_every: int = 1,
                  stdout: bool = True, tensorboard: bool = True, progress_bar: bool = True):
         log_dir = Path(output_dir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
+        _drop_rows_after(log_dir / "metrics.jsonl", initial_step)
         self._jsonl = open(log_dir / "metrics.jsonl", "a")
         self._log_every, self._stdout = log_every, stdout
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"),
+                                     purge_step=initial_step + 1 if initial_step else None)
         self._bar = None
         if progress_bar:
             from tqdm import tqdm
