@@ -12,8 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from tunekit.data.errors import DataError
-
 # The builder a config names decides the row format (its `format` key, when present, wins).
 _BUILDER_FORMATS = {"instruct_dataset": "alpaca", "chat_dataset": "openai",
                     "text_completion_dataset": "text", "preference_dataset": "preference"}
@@ -73,7 +71,9 @@ def _config_settings(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: `tunekit ls` and friends import this module and must not pay for torch/numpy.
     from tunekit.data.check import check_data, format_report
+    from tunekit.data.errors import DataError
 
     try:
         if len(args.inputs) == 1 and Path(args.inputs[0]).suffix in (".yaml", ".yml"):
