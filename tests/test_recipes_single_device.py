@@ -234,3 +234,28 @@ def test_shipped_tiny_config_runs_as_is(tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and "val_loss" in rows[1] and "forget_loss" in rows[1]
     assert any((tmp_path / "logs" / "tensorboard").iterdir())
+
+
+def _shape(cfg):
+    """Top-level keys plus the keys of the non-component sections (lora, metric_logging)."""
+    keys = set(cfg)
+    for section in ("lora", "metric_logging"):
+        if section in cfg:
+            keys |= {f"{section}.{k}" for k in cfg[section]}
+    return keys
+
+
+def test_every_shipped_config_has_the_keys_of_its_recipe():
+    """The recipes read keys without defaults: every config of a recipe must have the same keys
+    as the tiny config the tests run."""
+    from tunekit import _paths
+    from tunekit.config.catalog import config_recipes
+
+    reference = {"lora_finetune_single_device": _shape(tunekit.config.load("tiny/lora")),
+                 "full_finetune_single_device": _shape(tunekit.config.load("tiny/full"))}
+    checked = 0
+    for path in sorted(_paths.configs_dir().rglob("*.yaml")):
+        for recipe in set(config_recipes(path)) & set(reference):
+            assert _shape(tunekit.config.load(path)) == reference[recipe], path
+            checked += 1
+    assert checked >= 20

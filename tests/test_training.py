@@ -275,3 +275,58 @@ def test_device_and_dtype_names():
     if not torch.accelerator.is_available():
         with pytest.raises(ValueError, match="not available"):
             get_device("cuda")
+
+
+class _ToyLM(nn.Module):
+    """tokens [b, s] -> logits [b, s, vocab], following the model forward contract."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, tokens, *, mask=None, input_pos=None):
+        return self.out(torch.tanh(self.emb(tokens)).cumsum(1))
+
+
+def _toy_batches(g, sizes):
+    out = []
+    for b, s in sizes:
+        tokens = torch.randint(0, 11, (b, s), generator=g)
+        out.append({"tokens": tokens, "labels": _labels(b, s, 11, g)})
+    return out
+
+
+def test_accumulate_gradients_normalises_by_all_labelled_tokens_and_clip():
+    from tunekit.training.train_step import accumulate_gradients, clip_gradients, evaluate_loss
+
+    torch.manual_seed(0)
+    model, ref = _ToyLM(), _ToyLM()
+    ref.load_state_dict(model.state_dict())
+    batches = _toy_batches(torch.Generator().manual_seed(3), [(2, 5), (1, 7), (3, 4)])
+    loss = accumulate_gradients(model, batches, device=torch.device("cpu"), loss_chunks=2)
+    n = sum(int((b["labels"] != -100).sum()) for b in batches)
+    ref_sum = sum(F.cross_entropy(ref(b["tokens"]).flatten(0, 1), b["labels"].flatten(), reduction="sum")
+                  for b in batches)
+    (ref_sum / n).backward()
+    assert loss == pytest.approx((ref_sum / n).item(), rel=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    norm = clip_gradients(model.parameters(), 0.01)
+    ref_norm = nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+    assert norm == pytest.approx(ref_norm.item(), rel=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    mean = evaluate_loss(model, batches, device=torch.device("cpu"), loss_chunks=3)
+    assert mean == pytest.approx((ref_sum / n).item(), rel=1e-6) and model.training
+
+
+def test_accumulation_groups_drop_incomplete_and_step_counts():
+    from tunekit.training.data_loaders import count_training_steps
+    from tunekit.training.train_step import accumulation_groups
+
+    assert [len(g) for g in accumulation_groups(range(7), 3)] == [3, 3]
+    assert count_training_steps(7, gradient_accumulation_steps=3, epochs=2, max_steps=None) == (2, 4)
+    assert count_training_steps(7, gradient_accumulation_steps=3, epochs=2, max_steps=3) == (2, 3)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        count_training_steps(2, gradient_accumulation_steps=3, epochs=1, max_steps=None)
