@@ -259,3 +259,16 @@ def test_every_shipped_config_has_the_keys_of_its_recipe():
             assert _shape(tunekit.config.load(path)) == reference[recipe], path
             checked += 1
     assert checked >= 20
+
+
+def test_full_finetune_bf16_resume_is_exact(tiny_run, tmp_path, monkeypatch):
+    """Pure bf16 full fine-tune: the weights reloaded from step_<N>/ plus the optimizer state
+    continue the run exactly."""
+    args = ("max_steps=5", "epochs=2", "dtype=bf16", "optimizer.lr=3e-3", "eval_every_n_steps=100")
+    full_recipe.main(make_cfg("tiny/full", tiny_run, tmp_path / "a", *args))
+    out = tmp_path / "b"
+    monkeypatch.setattr(full_recipe, "optimizer_step", _SigintAtStep(full_recipe.optimizer_step, at=2))
+    full_recipe.main(make_cfg("tiny/full", tiny_run, out, *args))
+    monkeypatch.undo()
+    full_recipe.main(make_cfg("tiny/full", tiny_run, out, *args, "resume=true"))
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(tmp_path / "a")]
