@@ -160,7 +160,7 @@ class _SigintAtStep:
         return self.inner(*args, **kwargs)
 
 
-RESUME_ARGS = ("max_steps=7", "epochs=3", "gradient_accumulation_steps=2", "lora.dropout=0.1", "optimizer.lr=1e-2",
+RESUME_ARGS = ("num_workers=2", "max_steps=7", "epochs=3", "gradient_accumulation_steps=2", "lora.dropout=0.1", "optimizer.lr=1e-2",
                "save_every_n_steps=100", "eval_every_n_steps=100")
 
 
