@@ -110,7 +110,7 @@ def test_lora_recipe_trains_and_checkpoint_loads_in_transformers_and_peft(tiny_r
     from tunekit.modules.peft import apply_lora, load_peft_adapter
 
     ckpt, _ = tiny_run
-    model = apply_lora(from_hf(ckpt), ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"], rank=8, alpha=16)
+    model = apply_lora(from_hf(ckpt), ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"], rank=16, alpha=32)
     load_peft_adapter(model, step_dir / "adapter")
     tokens = torch.randint(3, 1024, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
