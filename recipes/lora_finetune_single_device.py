@@ -28,6 +28,7 @@ from tunekit.training.data_loaders import count_training_steps, eval_loader, tra
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.interrupt import stop_on_sigint
 from tunekit.training.metric_logging import MetricLogger
+from tunekit.training.recipe_checks import check_positive_ints
 from tunekit.training.resume import restore_training_state, training_state
 from tunekit.training.rng import set_seed
 from tunekit.training.sampler import ResumableSampler
@@ -77,6 +78,8 @@ def save_checkpoint(cfg, model: nn.Module, step: int, state: dict) -> Path:
 
 def main(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_positive_ints(cfg, "batch_size", "gradient_accumulation_steps", "epochs", "loss_chunks", "eval_every_n_steps",
+                        "save_every_n_steps", "log_every_n_steps", optional=("max_steps", "eval_max_batches", "keep_last_n"))
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
     resume_dir = checkpoint_to_resume(cfg.output_dir, cfg.resume)

@@ -282,3 +282,11 @@ def test_full_finetune_bf16_resume_is_exact(tiny_run, tmp_path, monkeypatch):
     monkeypatch.undo()
     full_recipe.main(make_cfg("tiny/full", tiny_run, out, *args, "resume=true"))
     assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(tmp_path / "a")]
+
+
+def test_bad_interval_fails_at_start_with_the_key_name(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="config key save_every_n_steps must be a positive integer, got 0"):
+        lora_recipe.main(make_cfg("tiny/lora", tiny_run, tmp_path, "save_every_n_steps=0"))
+    with pytest.raises(ValueError, match="config key max_steps must be a positive integer or null"):
+        full_recipe.main(make_cfg("tiny/full", tiny_run, tmp_path, "max_steps=-1"))
+    assert not tmp_path.joinpath("logs").exists()
