@@ -5,11 +5,14 @@ Pretraining corpus ("generic English-like text"): template sentences over a clos
 give a small model induction heads), counting, and single-digit arithmetic facts. It never
 contains the fine-tuning instruction or any reversed list.
 
-Fine-tuning task ("reverse the words"): the user gives 3-5 words, the assistant answers with the
-same words in reverse order, e.g. "Reverse the order of the words: red fox sun" -> "sun fox red".
-The base model has never seen the chat format nor a reversal, so it scores ~0% exact-match before
-fine-tuning; the skill is new, but it is built from parts the base model already has (the words,
-copying), which is why a few hundred LoRA steps suffice.
+Fine-tuning task ("answer an addition question"): the user asks, in words the base model never
+saw ("What is 3 + five?", "Add 6 and 2.", ...), for a single-digit sum; the assistant answers with
+the number only. The base model knows the facts in another form ("3 plus 5 is 8.") but cannot
+follow the instruction (it scores 0% exact-match in the chat format); fine-tuning on 70 of the
+100 (a, b) pairs teaches the format, and the held-out 30 pairs show it generalises.
+
+(A "reverse the words" task was tried first: this 500-step base model has no in-context copying
+(induction heads) yet, and LoRA could not learn it in 1000 steps: 0% exact-match.)
 
 Everything is a pure function of a `random.Random`, so the assets are reproducible from a seed.
 """
@@ -49,11 +52,8 @@ VERBS = (  # (present 3rd person, past)
 NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 
 NOUNS = ANIMALS + THINGS
-# Words the reversal task draws from: single, common words the tokenizer keeps whole.
+# Words of the list / copy patterns.
 TASK_WORDS = tuple(sorted(set(ANIMALS + THINGS + COLOURS + ADJECTIVES)))
-
-INSTRUCTION = "Reverse the order of the words:"
-
 
 def _np(rng: random.Random) -> str:
     """A short noun phrase: 'the red cat', 'a big box', 'Anna'."""
@@ -129,24 +129,55 @@ def pretraining_document(rng: random.Random) -> str:
     return " ".join(parts)
 
 
-def reversal_example(rng: random.Random) -> tuple[str, str]:
-    """(user prompt, assistant answer) for the fine-tuning task."""
-    words = _word_list(rng, rng.randint(3, 5))
-    return f"{INSTRUCTION} {' '.join(words)}", " ".join(reversed(words))
-
-
-def reversal_split(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
-    """Disjoint train / held-out rows in OpenAI `messages` format (no word list is in both)."""
+def tokenizer_extra_texts(seed: int, n: int = 2000) -> list[str]:
+    """Chat-formatted word-list prompts added to the tokenizer's training text (so `[INST]` and
+    the instruction words become pieces); the shipped tokenizer.model was trained with these."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < n_train + n_val:
-        prompt, answer = reversal_example(rng)
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        rows.append({"messages": [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": answer},
-        ]})
-    return rows[:n_train], rows[n_train:]
+    texts: list[str] = []
+    while len(texts) < n:
+        words = _word_list(rng, rng.randint(3, 5))
+        prompt = "Reverse the order of the words: " + " ".join(words)
+        if prompt not in seen:
+            seen.add(prompt)
+            texts.append(f"[INST] {prompt} [/INST] {' '.join(reversed(words))}")
+    return texts
+
+
+ADDITION_TEMPLATES = (
+    "What is {a} + {b}?",
+    "Add {a} and {b}.",
+    "Compute {a} + {b}. Answer with a number.",
+    "What do you get when you add {b} to {a}?",
+)
+
+
+def _operand(rng: random.Random, n: int) -> str:
+    return str(n) if rng.random() < 0.5 else NUMBER_WORDS[n]
+
+
+def addition_split(seed: int, n_val_pairs: int = 30) -> tuple[list[dict], list[dict]]:
+    """Train / held-out rows in OpenAI `messages` format for the single-digit addition task.
+
+    The 100 pairs (a, b) are split, so no val sum (a, b) is ever asked during fine-tuning; the base
+    model saw every "a plus b is c" fact in pretraining, the instruction wording never.
+    """
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(pairs)
+    splits = []
+    for chunk in (pairs[n_val_pairs:], pairs[:n_val_pairs]):
+        rows, seen = [], set()
+        for a, b in chunk:
+            for template in ADDITION_TEMPLATES:
+                for _ in range(4):  # digits and number words mixed
+                    prompt = template.format(a=_operand(rng, a), b=_operand(rng, b))
+                    if prompt not in seen:
+                        seen.add(prompt)
+                        rows.append({"messages": [
+                            {"role": "user", "content": prompt},
+                            {"role": "assistant", "content": str(a + b)},
+                        ]})
+        rng.shuffle(rows)
+        splits.append(rows)
+    return splits[0], splits[1]

@@ -1,12 +1,12 @@
 """Check that the shipped demo assets make a convincing LoRA fine-tune, with plain transformers + peft.
 
-    python scripts/demo_verify_lora.py [--steps 300 --rank 16 --lr 2e-3 --batch-size 16]
+    python scripts/demo_verify_lora.py [--steps 600 --rank 16 --lr 2e-3 --batch-size 16]
 
 Independent of tunekit's recipes on purpose: it measures what the assets allow (the numbers in
 tunekit/assets/README.md come from here), so a regression in a recipe cannot hide in them.
 
-Prompt format (Llama-2 chat): tokens of `<s>[INST] {user} [/INST] {assistant}` then `</s>`; the
-loss is taken on the assistant tokens and `</s>` only. Exact-match: greedy decoding of at most
+Prompt format (the shipped Llama-2 chat template): `<s>[INST] {user} [/INST] {assistant} </s>`; the
+loss is taken on the tokens after `[/INST]` only (assistant text, a space piece, `</s>`). Exact-match: greedy decoding of at most
 `--max-new-tokens` tokens after the prompt, stopped at `</s>`, compared after strip().
 """
 
@@ -37,14 +37,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def encode_example(tokenizer, row: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids incl. </s>) of one `messages` row, split where the answer starts."""
-    user, answer = (m["content"] for m in row["messages"])
-    prompt = f"{tokenizer.bos_token}[INST] {user} [/INST]"
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(f"{prompt} {answer}", add_special_tokens=False)["input_ids"]
+    """(prompt ids, answer ids) of one `messages` row via the shipped chat template.
+
+    The answer part is what Llama-2's template puts after `[/INST]`: ` {answer} </s>`, the same
+    tokens tunekit's llama2 chat format trains on.
+    """
+    msgs = row["messages"]
+    prompt_ids = tokenizer.apply_chat_template(msgs[:1], tokenize=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template(msgs, tokenize=True)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError(f"prompt tokens change when the answer is appended: {row}")
-    return prompt_ids, full_ids[len(prompt_ids):] + [tokenizer.eos_token_id]
+    return prompt_ids, full_ids[len(prompt_ids):]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -121,16 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--n-val", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -138,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
-    train_rows = read_jsonl(DATA_DIR / "train.jsonl")
-    val_rows = read_jsonl(DATA_DIR / "val.jsonl")[: args.n_val]
+    train_rows = read_jsonl(args.data_dir / "train.jsonl")
+    val_rows = read_jsonl(args.data_dir / "val.jsonl")[: args.n_val]
     train_ex = [encode_example(tokenizer, r) for r in train_rows]
     val_ex = [encode_example(tokenizer, r) for r in val_rows]
     lm_rows = packed_rows(tokenizer, [r["text"] for r in read_jsonl(DATA_DIR / "pretrain_val.jsonl")], 128)

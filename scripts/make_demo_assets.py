@@ -1,6 +1,6 @@
 """Build the demo assets that ship inside tunekit (tunekit/assets/), deterministically from a seed.
 
-    python scripts/make_demo_assets.py                  # everything (~10 min on 2 CPU cores)
+    python scripts/make_demo_assets.py                  # everything (~4 min on 2 idle CPU cores)
     python scripts/make_demo_assets.py --stage data     # only rewrite the JSONL files
     python scripts/demo_verify_lora.py                  # measure the LoRA fine-tune (peft loop)
 
@@ -11,10 +11,10 @@ Outputs:
                                    tokenizer.model (sentencepiece BPE, byte_fallback, Llama-2
                                    style: <unk>=0 <s>=1 </s>=2), tokenizer_config.json with a
                                    Llama-2 `[INST]` chat_template.
-  tunekit/assets/tiny_llama_data/  train.jsonl / val.jsonl: the "reverse the words" task in
+  tunekit/assets/tiny_llama_data/  train.jsonl / val.jsonl: the addition-question task in
                                    OpenAI `messages` format (one JSON object per line:
                                    {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}),
-                                   val held out (no prompt in both); pretrain_val.jsonl
+                                   val held out (no (a, b) pair in both); pretrain_val.jsonl
                                    ({"text": ...}) held-out pretraining text to measure forgetting.
 
 Only this builder needs sentencepiece-training / transformers; tunekit itself reads the files.
@@ -44,7 +44,7 @@ DATA_DIR = ASSETS / "tiny_llama_data"
 
 SEED = 1234
 VOCAB_SIZE = 1024
-N_TRAIN, N_VAL, N_PRETRAIN_VAL = 4000, 300, 200
+N_PRETRAIN_VAL = 200
 
 # Llama-2's template: <s>[INST] user [/INST] answer </s>; a system message goes inside the
 # first [INST] between <<SYS>> markers.
@@ -85,10 +85,7 @@ def build_tokenizer(out_dir: Path, seed: int) -> None:
     import sentencepiece as spm
 
     texts = pretraining_texts(seed + 1, 20000)
-    train_rows, _ = demo_corpus.reversal_split(seed + 2, 2000, 0)
-    for row in train_rows:  # so that "[INST]", "Reverse" ... become pieces, not bytes
-        user, assistant = (m["content"] for m in row["messages"])
-        texts.append(f"[INST] {user} [/INST] {assistant}")
+    texts += demo_corpus.tokenizer_extra_texts(seed + 2)
     texts.append("<<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n")
     out_dir.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
@@ -136,9 +133,20 @@ def lm_loss(model, rows: torch.Tensor, batch_size: int = 32) -> float:
     return total / count
 
 
-def pretrain(out_dir: Path, seed: int, steps: int, batch_size: int, seq_len: int, lr: float) -> dict:
-    """Pretrain the tiny Llama on the generic corpus; save it next to the tokenizer."""
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+def save_model(model, out_dir: Path) -> None:
+    from transformers import GenerationConfig
+
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False, max_new_tokens=32).save_pretrained(out_dir)
+
+
+def pretrain(out_dir: Path, seed: int, steps: int, batch_size: int, seq_len: int, lr: float,
+             save_every: int = 0) -> dict:
+    """Pretrain the tiny Llama on the generic corpus; save it next to the tokenizer.
+
+    `save_every` > 0 also saves every that many steps, so a run on a busy machine can be cut short.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
@@ -169,10 +177,11 @@ def pretrain(out_dir: Path, seed: int, steps: int, batch_size: int, seq_len: int
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step} loss {loss.item():.3f} {time.perf_counter() - t0:.0f}s", flush=True)
+        if save_every and (step + 1) % save_every == 0:
+            save_model(model, out_dir)
     seconds = time.perf_counter() - t0
     loss1 = lm_loss(model, val_rows)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False, max_new_tokens=32).save_pretrained(out_dir)
+    save_model(model, out_dir)
     stats = dict(params=n_params, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                  seconds=round(seconds, 1), val_loss_init=round(loss0, 3), val_loss=round(loss1, 3),
                  log_vocab=round(math.log(VOCAB_SIZE), 3))
@@ -182,7 +191,7 @@ def pretrain(out_dir: Path, seed: int, steps: int, batch_size: int, seq_len: int
 
 def write_data(data_dir: Path, seed: int) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
-    train, val = demo_corpus.reversal_split(seed + 5, N_TRAIN, N_VAL)
+    train, val = demo_corpus.addition_split(seed + 5)
     for name, rows in (("train", train), ("val", val)):
         with open(data_dir / f"{name}.jsonl", "w") as f:
             for row in rows:
@@ -196,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("all", "tokenizer", "pretrain", "data"), default="all")
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -206,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("all", "tokenizer"):
         build_tokenizer(MODEL_DIR, args.seed)
     if args.stage in ("all", "pretrain"):
-        stats = pretrain(MODEL_DIR, args.seed, args.steps, args.batch_size, args.seq_len, args.lr)
+        stats = pretrain(MODEL_DIR, args.seed, args.steps, args.batch_size, args.seq_len, args.lr,
+                        args.save_every)
         print("pretraining:", json.dumps(stats))
     if args.stage in ("all", "data"):
         write_data(DATA_DIR, args.seed)

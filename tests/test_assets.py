@@ -16,7 +16,7 @@ SIZE_LIMIT = 20 * 1024 * 1024
 
 TEXTS = [
     "The big red cat sees a dog. 3 plus 4 is 7.",
-    "Reverse the order of the words: blue kite tiger",
+    "What is 3 + five? Add 6 and 2.",
     "Anna has seven cups.\nCounting: two three four.",
     "Unicode falls back to bytes: wörld 😀 [INST] x",
 ]
@@ -61,10 +61,9 @@ def test_model_loads_and_is_pretrained(hf_tokenizer):
 
 def test_tokenizer_special_tokens_and_chat_template(hf_tokenizer):
     assert (hf_tokenizer.unk_token_id, hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (0, 1, 2)
-    msgs = [{"role": "user", "content": "Reverse the order of the words: a b"},
-            {"role": "assistant", "content": "b a"}]
+    msgs = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "7"}]
     text = hf_tokenizer.apply_chat_template(msgs, tokenize=False)
-    assert text == "<s>[INST] Reverse the order of the words: a b [/INST] b a </s>"
+    assert text == "<s>[INST] What is 3 + 4? [/INST] 7 </s>"
     for t in TEXTS:  # byte fallback: any text round-trips
         assert hf_tokenizer.decode(hf_tokenizer(t)["input_ids"], skip_special_tokens=True) == t
 
@@ -74,8 +73,8 @@ def test_tokenizer_matches_sentencepiece(hf_tokenizer):
     sp = spm.SentencePieceProcessor(model_file=str(MODEL_DIR / "tokenizer.model"))
     for t in TEXTS:
         assert hf_tokenizer(t)["input_ids"] == [sp.bos_id(), *sp.encode(t)]
-    # the task words are single pieces, so the reversal is a reversal of tokens
-    assert len(sp.encode("tiger kite blue")) == 3
+    # digits are split, as the addition facts of the corpus expect
+    assert len(sp.encode("12")) == 3
 
 
 def test_tunekit_tokenizer_matches_transformers(hf_tokenizer):
@@ -89,19 +88,36 @@ def test_tunekit_tokenizer_matches_transformers(hf_tokenizer):
         ids = hf_tokenizer(t)["input_ids"]
         assert tok.encode(t, add_bos=True, add_eos=False) == ids
         assert tok.decode(ids) == t
+    # the demo trains through tunekit's chat format: it must give the template's tokens, with
+    # everything up to `[/INST]` masked
+    msgs = read_jsonl(DATA_DIR / "val.jsonl")[0]["messages"]
+    ids, mask = tok.tokenize_messages(msgs)
+    assert ids == hf_tokenizer.apply_chat_template(msgs, tokenize=True)["input_ids"]
+    n_prompt = len(hf_tokenizer.apply_chat_template(msgs[:1], tokenize=True)["input_ids"])
+    assert mask == [True] * n_prompt + [False] * (len(ids) - n_prompt)
+
+
+def _operands(prompt):
+    words = "zero one two three four five six seven eight nine".split()
+    nums = [int(t) if t.isdigit() else words.index(t)
+            for t in prompt.replace("?", " ").replace(".", " ").split() if t.isdigit() or t in words]
+    assert len(nums) == 2, prompt
+    # "add b to a" names the second operand first
+    return tuple(reversed(nums)) if " to " in prompt else tuple(nums)
 
 
 def test_finetune_splits_are_disjoint_and_well_formed():
     train = read_jsonl(DATA_DIR / "train.jsonl")
     val = read_jsonl(DATA_DIR / "val.jsonl")
-    assert len(train) >= 2000 and len(val) >= 200
-    prompts = {}
+    assert len(train) >= 500 and len(val) >= 200
+    pairs = {}
     for split, rows in (("train", train), ("val", val)):
         for row in rows:
             user, assistant = row["messages"]
             assert (user["role"], assistant["role"]) == ("user", "assistant")
-            words = user["content"].split(":", 1)[1].split()
-            assert assistant["content"] == " ".join(reversed(words))
-            prompts.setdefault(split, set()).add(user["content"])
-    assert len(prompts["train"]) == len(train) and len(prompts["val"]) == len(val)
-    assert not prompts["train"] & prompts["val"]
+            a, b = _operands(user["content"])
+            assert assistant["content"] == str(a + b)
+            pairs.setdefault(split, set()).add((a, b))
+    # held out by ordered operand pair (a, b), not just by wording
+    assert not pairs["train"] & pairs["val"]
+    assert len(pairs["val"]) >= 20
