@@ -164,22 +164,24 @@ RESUME_ARGS = ("num_workers=2", "max_steps=7", "epochs=3", "gradient_accumulatio
                "save_every_n_steps=100", "eval_every_n_steps=100")
 
 
-def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", ["tiny/lora", "tiny/dora", "tiny/qlora"])
+def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch, config):
     # 24 examples / (batch 4 x accumulation 2) = 3 steps per epoch: the run crosses two epoch ends,
     # is interrupted mid-epoch at step 4, and uses dropout (RNG) and shuffling (sampler position).
+    dtype = "dtype=bf16" if config == "tiny/qlora" else "dtype=fp32"
     full_run = tmp_path / "full"
-    lora_recipe.main(make_cfg("tiny/lora", tiny_run, full_run, *RESUME_ARGS))
+    lora_recipe.main(make_cfg(config, tiny_run, full_run, *RESUME_ARGS, dtype))
     expected = [r["loss"] for r in read_metrics(full_run)]
     assert len(expected) == 7
 
     out = tmp_path / "interrupted"
     monkeypatch.setattr(lora_recipe, "optimizer_step", _SigintAtStep(lora_recipe.optimizer_step, at=4))
-    lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, *RESUME_ARGS))
+    lora_recipe.main(make_cfg(config, tiny_run, out, *RESUME_ARGS, dtype))
     assert [p.name for p in out.iterdir() if p.name.startswith("step_")] == ["step_4"]
     monkeypatch.undo()
     with pytest.raises(ValueError, match="resume=true"):
-        lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, *RESUME_ARGS))
-    lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, *RESUME_ARGS, "resume=true"))
+        lora_recipe.main(make_cfg(config, tiny_run, out, *RESUME_ARGS, dtype))
+    lora_recipe.main(make_cfg(config, tiny_run, out, *RESUME_ARGS, dtype, "resume=true"))
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 8))
     assert [r["loss"] for r in rows] == expected  # exactly, not approximately
