@@ -50,6 +50,10 @@ def test_chunked_cross_entropy_matches_float64_sum(num_chunks):
     ref.backward()
     torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-5, atol=1e-6)
     assert count_label_tokens(labels) == int((labels != -100).sum())
+    from tunekit.data import CROSS_ENTROPY_IGNORE_INDEX
+    from tunekit.training.losses import IGNORE_INDEX
+
+    assert IGNORE_INDEX == CROSS_ENTROPY_IGNORE_INDEX
 
 
 def test_chunked_cross_entropy_bf16_logits_computed_in_fp32():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The Batch contract's tunekit.data.CROSS_ENTROPY_IGNORE_INDEX (a test checks they agree); not
+# imported so that the training helpers do not pull in the whole data package.
 IGNORE_INDEX = -100
 
 
