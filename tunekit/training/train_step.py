@@ -39,14 +39,14 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, tor
     if num_label_tokens is None:
         num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
     denominator = max(int(num_label_tokens), 1)
-    total = 0.0
+    total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         context = grad_sync(i == len(micro_batches) - 1) if grad_sync is not None else contextlib.nullcontext()
         with context:
             loss = batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks) / denominator
             loss.backward()
-        total += loss.item()
-    return total
+        total += loss.detach()
+    return total.item()  # one device sync per step, not one per micro-batch
 
 
 def accumulation_groups(loader: Iterable[dict[str, torch.Tensor]], n: int) -> Iterator[list[dict[str, torch.Tensor]]]:
