@@ -75,6 +75,12 @@ def import_component(path: str, key: str = _COMPONENT) -> Any:
         break
     if module is None:
         raise ConfigError(f"{key}: cannot import {path}: no module named {parts[0]!r}")
+    if depth == len(parts) and depth > 1:
+        # `pkg.fn` where pkg/fn.py defines fn and pkg/__init__.py re-exports it: the package
+        # attribute (the function) is what a config means, not the submodule of the same name.
+        attr = getattr(importlib.import_module(".".join(parts[:-1])), parts[-1], None)
+        if attr is not None and not inspect.ismodule(attr):
+            return attr
     obj = module
     for i in range(depth, len(parts)):
         if not hasattr(obj, parts[i]):
