@@ -27,10 +27,10 @@ def one_thread():
 def _hf_config(family):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=PAD, initializer_range=0.1)
+                  pad_token_id=PAD)
     if family == "llama":
         return transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
-    return transformers.Qwen2Config(**common, tie_word_embeddings=True), transformers.Qwen2ForCausalLM
+    return transformers.Qwen2Config(**common, tie_word_embeddings=False), transformers.Qwen2ForCausalLM
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -43,7 +43,7 @@ def models(request, tmp_path_factory):
         for layer in hf.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 assert proj.bias is not None
-                torch.nn.init.normal_(proj.bias, std=0.5)
+                torch.nn.init.normal_(proj.bias, std=0.1)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     return hf, from_hf(path)

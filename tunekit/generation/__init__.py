@@ -1,0 +1,8 @@
+"""Text generation with the KV cache: greedy / temperature / top-k / top-p sampling for batches of
+left-padded prompts, stop tokens, and a no-cache path for checking. See docs/generation.md."""
+
+from tunekit.generation.generate import generate, generate_ids, kv_caches, left_pad, trim_at_stop
+from tunekit.generation.sampling import check_sampling_args, next_token_probs, sample_next_token
+
+__all__ = ["check_sampling_args", "generate", "generate_ids", "kv_caches", "left_pad", "next_token_probs",
+           "sample_next_token", "trim_at_stop"]
