@@ -1,0 +1,41 @@
+"""Which weights an inference recipe loads: an HF folder or a training run's newest step folder,
+optionally with a PEFT adapter on top."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from tunekit.modules.peft import load_peft_adapter, merge_lora
+from tunekit.training.step_checkpoints import find_latest_checkpoint
+
+
+def find_model_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """``checkpoint_dir`` itself when it is a Hugging Face model folder (has ``config.json``), or
+    the newest complete ``step_<N>/`` when it is a training ``output_dir``."""
+    path = Path(checkpoint_dir)
+    if (path / "config.json").is_file():
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    what = "does not exist" if not path.exists() else "has no config.json and no step_<N>/ folders"
+    raise FileNotFoundError(f"checkpoint_dir={path} {what}; point it at a Hugging Face model folder or at a "
+                            "training output_dir holding step_<N>/ checkpoints")
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike, model_dir: str | os.PathLike) -> nn.Module:
+    """Load the PEFT adapter in ``adapter_dir`` into ``model`` (loaded from ``model_dir``) and merge
+    it into the weights, so generation costs what the base model costs. In place; returns ``model``.
+
+    Refuses the ``adapter/`` folder of a training step checkpoint used on that same checkpoint:
+    its weights already include the adapter (merged), applying it again would count it twice.
+    """
+    adapter, model_path = Path(adapter_dir).resolve(), Path(model_dir).resolve()
+    if adapter.is_relative_to(model_path):
+        raise ValueError(f"adapter_dir={adapter_dir} lies inside the checkpoint {model_dir}, whose weights already "
+                         "include this adapter (merged); set adapter_dir=null, or point checkpoint_dir at the base model")
+    load_peft_adapter(model, adapter)
+    return merge_lora(model)
