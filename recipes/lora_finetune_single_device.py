@@ -21,12 +21,14 @@ from torch import nn
 
 import tunekit.config
 from tunekit.config import instantiate
-from tunekit.modules.peft import apply_lora, load_peft_adapter, merged_state_dict, save_peft_adapter
+from tunekit.modules.peft import load_peft_adapter
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
-from tunekit.training.checkpoint_hf import read_hf_config, save_hf_checkpoint
-from tunekit.training.data_loaders import count_training_steps, eval_loader, train_loader
+from tunekit.training.checkpoint_files import ADAPTER_DIR, write_lora_model
+from tunekit.training.data_loaders import count_training_steps, train_loader
 from tunekit.training.device import get_device, get_dtype
+from tunekit.training.evaluation import build_eval_loaders, evaluate_all
 from tunekit.training.interrupt import stop_on_sigint
+from tunekit.training.recipe_models import build_lora_model
 from tunekit.training.metric_logging import MetricLogger
 from tunekit.training.recipe_checks import check_positive_ints
 from tunekit.training.resume import restore_training_state, training_state
@@ -38,17 +40,14 @@ from tunekit.training.step_checkpoints import (
     save_recipe_state,
     save_step_checkpoint,
 )
-from tunekit.training.train_step import accumulation_groups, evaluate_loss, optimizer_step
+from tunekit.training.train_step import accumulation_groups, optimizer_step
 
 log = logging.getLogger("tunekit.recipes.lora_finetune_single_device")
-ADAPTER_DIR = "adapter"
 
 
 def build_model(cfg, device: torch.device, dtype: torch.dtype, resume_dir: Path | None) -> nn.Module:
     """Base model from ``cfg.model`` with LoRA adapters (from ``resume_dir`` when resuming)."""
-    model = instantiate(cfg.model, dtype=dtype, device=device)
-    apply_lora(model, list(cfg.lora.targets), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-               dropout=cfg.lora.dropout, use_dora=cfg.lora.use_dora, quantize_base=cfg.lora.quantize_base)
+    model = build_lora_model(cfg.model, cfg.lora, dtype=dtype, device=device)
     if resume_dir is not None:
         load_peft_adapter(model, resume_dir / ADAPTER_DIR)
     if cfg.activation_checkpointing:
@@ -60,15 +59,10 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype, resume_dir: Path 
 
 
 def save_checkpoint(cfg, model: nn.Module, step: int, state: dict) -> Path:
-    """``step_<N>/``: merged HF model, PEFT adapter in ``adapter/`` and resume state, written
-    atomically. The adapter has its own folder because transformers (with peft installed) loads
-    a folder holding adapter_config.json as base + adapter, which would apply it twice on top of
-    the merged weights."""
+    """``step_<N>/``: merged HF model, PEFT adapter in ``adapter/`` and resume state, written atomically."""
 
     def write(folder: Path) -> None:
-        save_hf_checkpoint(merged_state_dict(model), folder, hf_config=read_hf_config(cfg.checkpoint_dir),
-                           source_dir=cfg.checkpoint_dir)
-        save_peft_adapter(model, folder / ADAPTER_DIR, base_model_name_or_path=str(cfg.checkpoint_dir))
+        write_lora_model(folder, model, cfg.checkpoint_dir)
         save_recipe_state(folder, state)
 
     path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n)
@@ -94,9 +88,8 @@ def main(cfg) -> None:
     train_set = instantiate(cfg.dataset, tokenizer)
     sampler = ResumableSampler(len(train_set), shuffle=cfg.shuffle, seed=cfg.seed)
     loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
-    eval_sets = {name: eval_loader(instantiate(node, tokenizer), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-                 for name, node in (("val_loss", cfg.val_dataset), ("forget_loss", cfg.forget_dataset))
-                 if node is not None}
+    eval_sets = build_eval_loaders({"val_loss": cfg.val_dataset, "forget_loss": cfg.forget_dataset}, tokenizer,
+                                   batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
     _, total_steps = count_training_steps(len(loader), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                           epochs=cfg.epochs, max_steps=cfg.max_steps)
@@ -119,14 +112,13 @@ def main(cfg) -> None:
             for micro_batches in accumulation_groups(loader, cfg.gradient_accumulation_steps):
                 metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
                                          lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
-                                         max_grad_norm=cfg.max_grad_norm)
+                                         max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
                 step += 1
                 consumed += sum(len(b["tokens"]) for b in micro_batches)
                 metrics["epoch"] = epoch
                 if step % cfg.eval_every_n_steps == 0 or step == total_steps:
-                    metrics.update({name: evaluate_loss(model, eval_data, device=device, loss_chunks=cfg.loss_chunks,
-                                                        max_batches=cfg.eval_max_batches)
-                                    for name, eval_data in eval_sets.items()})
+                    metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
+                                                max_batches=cfg.eval_max_batches))
                 logger.log(step, metrics)
                 if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set:
                     state = training_state(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,

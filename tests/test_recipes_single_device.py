@@ -199,8 +199,10 @@ def test_crash_inside_save_keeps_previous_checkpoint(tiny_run, tmp_path, monkeyp
             raise OSError("simulated crash while writing step_4")
         return real_save(*args, **kwargs)
 
-    real_save = lora_recipe.save_peft_adapter
-    monkeypatch.setattr(lora_recipe, "save_peft_adapter", save_adapter_then_crash)
+    from tunekit.training import checkpoint_files
+
+    real_save = checkpoint_files.save_peft_adapter
+    monkeypatch.setattr(checkpoint_files, "save_peft_adapter", save_adapter_then_crash)
     with pytest.raises(OSError, match="simulated crash"):
         lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, "max_steps=4", "save_every_n_steps=2"))
     assert sorted(p.name for p in out.iterdir()) == ["logs", "step_2"]  # no half step_4, no tmp folder

@@ -18,7 +18,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from tunekit.modules.rope import reset_rope_buffers
+from tunekit.training.activation_checkpointing import apply_activation_checkpointing
 from tunekit.training.losses import IGNORE_INDEX, count_label_tokens
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -152,28 +154,87 @@ def shard_model(
     Works on meta-device models (then load weights with ``load_full_state_dict``) and on models
     holding frozen NF4 (QLoRA) weights.
     """
+    _check_shardable(model, "shard_model")
+    _check_nf4_shardable(model, dist.get_world_size())
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    kwargs = _fsdp_kwargs(mp_dtype, reduce_dtype, reshard_after_forward, cpu_offload)
+    for layer in model.layers:
+        fully_shard(layer, **kwargs)
+    _shard_root(model, kwargs)
+    return model
+
+
+def shard_from_rank0(
+    model: nn.Module,
+    *,
+    device: torch.device | str,
+    before_shard: Callable[[nn.Module], None] | None = None,
+    mp_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Shard a model whose weights exist on rank 0 only, one FSDP unit at a time: the memory-lean
+    start of the distributed recipes. Returns ``model``, sharded as ``shard_model`` does.
+
+    Rank 0 passes the real model (e.g. on CPU, as ``from_hf`` returns it); every other rank the same
+    architecture on the meta device (same parameter names, shapes and dtypes). For each decoder
+    layer, then for the modules outside ``model.layers``: the unit is materialised on ``device``,
+    its parameters are broadcast from rank 0, rotary tables recomputed, ``before_shard(unit)``
+    runs (e.g. NF4-quantizing QLoRA bases, identically on every rank) and the unit is sharded.
+    So a rank holds its shards plus at most one full unit, and rank 0 additionally the model it
+    was given (one full copy, freed unit by unit as FSDP replaces its parameters by shards).
+    The other arguments are those of ``shard_model``.
+    """
+    _check_shardable(model, "shard_from_rank0")
+    device = local_device(device)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    kwargs = _fsdp_kwargs(mp_dtype, reduce_dtype, reshard_after_forward, cpu_offload)
+    world_size = dist.get_world_size()
+    for layer in model.layers:
+        _materialize_from_rank0(layer, device)
+        if before_shard is not None:
+            before_shard(layer)
+        _check_nf4_shardable(layer, world_size)
+        fully_shard(layer, **kwargs)
+    for name, child in model.named_children():
+        if name != "layers":
+            _materialize_from_rank0(child, device)
+            if before_shard is not None:
+                before_shard(child)
+    if any(p.is_meta for p in model.parameters(recurse=False)):
+        raise ValueError("shard_from_rank0: the root module holds parameters of its own; put them in a submodule")
+    _check_nf4_shardable(model, world_size)
+    _shard_root(model, kwargs)
+    return model
+
+
+def _check_shardable(model: nn.Module, caller: str) -> None:
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(
-            f"shard_model: {type(model).__name__} has no non-empty nn.ModuleList `layers`; "
+            f"{caller}: {type(model).__name__} has no non-empty nn.ModuleList `layers`; "
             "the model contract requires decoder layers in model.layers"
         )
     if isinstance(model, FSDPModule):
-        raise ValueError("shard_model: the model is already sharded; call shard_model once")
+        raise ValueError(f"{caller}: the model is already sharded; call {caller} once")
     if not is_distributed():
-        raise RuntimeError("shard_model: no process group; call init_distributed(device) first")
-    _check_nf4_shardable(model, dist.get_world_size())
-    if activation_checkpointing:
-        from tunekit.training.activation_checkpointing import apply_activation_checkpointing
+        raise RuntimeError(f"{caller}: no process group; call init_distributed(device) first")
 
-        apply_activation_checkpointing(model)
+
+def _fsdp_kwargs(mp_dtype, reduce_dtype, reshard_after_forward, cpu_offload) -> dict:
     kwargs: dict = {"reshard_after_forward": reshard_after_forward}
     if mp_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=reduce_dtype)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for layer in model.layers:
-        fully_shard(layer, **kwargs)
+    return kwargs
+
+
+def _shard_root(model: nn.Module, kwargs: dict) -> None:
     # The root's parameters (output projection) are needed right after the last layer's forward,
     # so resharding them after forward would only add an all-gather.
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
@@ -182,7 +243,31 @@ def shard_model(
         # Without this a factor of 1 becomes ReduceOp.PREMUL_SUM, which gloo lacks; a plain SUM
         # is also NCCL's zero-copy path.
         module.set_force_sum_reduction_for_comms(True)
-    return model
+
+
+def _materialize_from_rank0(module: nn.Module, device: torch.device) -> None:
+    """Give ``module`` rank 0's parameter values on every rank (on ``device``)."""
+    rank = dist.get_rank()
+    if rank == 0:
+        module.to(device)
+    else:
+        module.to_empty(device=device)
+    params = dict(module.named_parameters())
+    layout = [(name, p.dtype, tuple(p.shape)) for name, p in params.items()]
+    reference = [layout]
+    dist.broadcast_object_list(reference, src=0)
+    if reference[0] != layout:
+        raise ValueError(
+            f"shard_from_rank0: rank {rank} built a different model than rank 0 "
+            f"({sorted(set(reference[0]) ^ set(layout))[:4]} ...); build the same architecture and dtype on every rank"
+        )
+    comm_device = _communication_device()
+    for p in params.values():
+        buffer = p.data if p.device == comm_device else p.data.to(comm_device)
+        dist.broadcast(buffer, src=0)
+        if buffer is not p.data:
+            p.data.copy_(buffer)
+    reset_rope_buffers(module, device=device)
 
 
 def _check_nf4_shardable(model: nn.Module, world_size: int) -> None:
@@ -295,16 +380,58 @@ def global_token_count(labels: torch.Tensor | Iterable[torch.Tensor], ignore_ind
     return count
 
 
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip gradients by their global L2 norm over all ranks' shards and return the norm before
-    clipping as a plain (non-DTensor) scalar tensor, ready for logging."""
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return torch.tensor(0.0)
-    total = nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-    if isinstance(total, DTensor):
-        # Sharded grads give a partial norm; full_tensor() reduces it to the global norm, so
-        # every rank clips with the same coefficient.
-        total = total.full_tensor()
-    nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank (e.g. Ctrl-C seen by one process): every rank then
+    takes the same branch. Collective when distributed."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor(int(flag), device=_communication_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Each value summed over all ranks (one all-reduce for all of them); unchanged without a
+    process group. Collective when distributed."""
+    if not is_distributed():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=_communication_device())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return tuple(total.tolist())
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself without a process group."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+class _SilentMetricLogger:
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def rank_zero_metric_logger(output_dir, **kwargs):
+    """``tunekit.training.metric_logging.MetricLogger(output_dir, **kwargs)`` on rank 0 and a
+    logger that records nothing on the other ranks (the metrics the recipes log are already
+    global), so one process writes ``logs/``."""
+    if not is_rank_zero():
+        return _SilentMetricLogger()
+    from tunekit.training.metric_logging import MetricLogger
+
+    return MetricLogger(output_dir, **kwargs)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tunekit.training.distributed import get_world_size_and_rank, is_distributed
 
@@ -32,35 +32,57 @@ def _single_process_is_intended():
         yield
 
 
+def _per_rank_file(rank: int, world_size: int) -> str:
+    return f"rank{rank}_of{world_size}.pt"
+
+
 def save_sharded_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       extra: dict | None = None) -> None:
+                       extra: dict | None = None, *, per_rank: dict | None = None,
+                       trainable_only: bool = False) -> None:
     """Write model and optimizer state (sharded or not) to ``directory`` with DCP, plus ``extra``
-    (step, data position, RNG state, ...: tensors and plain Python values) from rank 0.
-    Collective: call on every rank with the same directory."""
+    (step, data position, ...: tensors and plain Python values) from rank 0 and ``per_rank``
+    (e.g. this rank's RNG state) from every rank. ``trainable_only`` leaves out frozen parameters
+    (a LoRA base, reloaded from its own checkpoint on resume). Collective: call on every rank with
+    the same directory."""
     directory = Path(directory)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     with _single_process_is_intended():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory,
                  no_dist=not is_distributed())
-    if get_world_size_and_rank()[1] == 0:
+    world_size, rank = get_world_size_and_rank()
+    if per_rank is not None:
+        torch.save(per_rank, directory / _per_rank_file(rank, world_size))
+    if rank == 0:
         torch.save(dict(extra or {}), directory / EXTRA_FILE)
     if is_distributed():
         dist.barrier()  # nobody treats the folder as complete before extra.pt exists
 
 
 def load_sharded_state(directory: str | os.PathLike, model: nn.Module,
-                       optimizer: torch.optim.Optimizer) -> dict:
+                       optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict:
     """Load what ``save_sharded_state`` wrote into ``model`` and ``optimizer`` in place (any number
-    of processes, sharded or plain model) and return the ``extra`` dict. Collective."""
+    of processes, sharded or plain model) and return the ``extra`` dict. Pass the same
+    ``trainable_only`` as when saving. Collective."""
     directory = Path(directory)
     if not (directory / ".metadata").is_file() or not (directory / EXTRA_FILE).is_file():
         raise FileNotFoundError(
             f"load_sharded_state: {directory} is not a complete sharded checkpoint "
             f"(needs .metadata and {EXTRA_FILE}); point resume at a folder written by save_sharded_state"
         )
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optim_state}
     with _single_process_is_intended():
         dcp.load(state, checkpoint_id=directory, no_dist=not is_distributed())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
     return torch.load(directory / EXTRA_FILE, weights_only=True)
+
+
+def load_per_rank_state(directory: str | os.PathLike) -> dict | None:
+    """This rank's ``per_rank`` dict from ``save_sharded_state``, or None when the checkpoint was
+    written by a different number of processes (per-rank state then has no counterpart)."""
+    world_size, rank = get_world_size_and_rank()
+    path = Path(directory) / _per_rank_file(rank, world_size)
+    return torch.load(path, weights_only=True) if path.is_file() else None

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from tunekit.training.rng import get_rng_state, set_rng_state
+from pathlib import Path
+
+from torch import nn
+
+from tunekit.training.distributed import get_world_size_and_rank
+from tunekit.training.distributed_checkpoint import load_per_rank_state, load_sharded_state, save_sharded_state
+from tunekit.training.rng import get_rng_state, set_rng_state, set_seed
 from tunekit.training.sampler import ResumableSampler
+from tunekit.training.step_checkpoints import RECIPE_STATE_DIR
 
 
 def training_state(*, step: int, epoch: int, optimizer: torch.optim.Optimizer,
@@ -17,14 +24,13 @@ def training_state(*, step: int, epoch: int, optimizer: torch.optim.Optimizer,
                    consumed: int) -> dict:
     """State after optimizer step ``step`` in ``epoch``, with ``consumed`` examples of this epoch
     already used by this rank."""
-    return {
-        "step": step,
-        "epoch": epoch,
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "sampler": sampler.state_dict(consumed=consumed),
-        "rng": get_rng_state(),
-    }
+    return {**_progress(step, epoch, lr_scheduler, sampler, consumed),
+            "optimizer": optimizer.state_dict(), "rng": get_rng_state()}
+
+
+def _progress(step, epoch, lr_scheduler, sampler, consumed) -> dict:
+    return {"step": step, "epoch": epoch, "lr_scheduler": lr_scheduler.state_dict(),
+            "sampler": sampler.state_dict(consumed=consumed)}
 
 
 def restore_training_state(state: dict, *, optimizer: torch.optim.Optimizer,
@@ -36,4 +42,35 @@ def restore_training_state(state: dict, *, optimizer: torch.optim.Optimizer,
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
+    return state["step"], state["epoch"]
+
+
+def save_sharded_training_state(step_dir: Path, *, model: nn.Module, step: int, epoch: int,
+                                optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                                sampler: ResumableSampler, consumed: int, trainable_only: bool) -> None:
+    """The distributed recipes' ``recipe_state/``: model (only the trainable parameters with
+    ``trainable_only``) and optimizer as DCP shards written by every rank, progress (step, epoch,
+    lr schedule, data position) from rank 0 and each rank's RNG streams. Collective."""
+    folder = Path(step_dir) / RECIPE_STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    save_sharded_state(folder, model, optimizer, _progress(step, epoch, lr_scheduler, sampler, consumed),
+                       per_rank={"rng": get_rng_state()}, trainable_only=trainable_only)
+
+
+def restore_sharded_training_state(step_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   lr_scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: ResumableSampler,
+                                   trainable_only: bool, seed: int) -> tuple[int, int]:
+    """Load what ``save_sharded_training_state`` wrote, with this or another number of processes
+    (DCP reshards; the data position is converted). Returns (step, epoch). Each rank's RNG streams
+    come back when the process count is unchanged; otherwise every rank is seeded with
+    ``seed + rank + step`` (exact resume needs the same process count). Collective."""
+    folder = Path(step_dir) / RECIPE_STATE_DIR
+    state = load_sharded_state(folder, model, optimizer, trainable_only=trainable_only)
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    per_rank = load_per_rank_state(folder)
+    if per_rank is not None:
+        set_rng_state(per_rank["rng"])
+    else:
+        set_seed(seed + get_world_size_and_rank()[1] + state["step"])
     return state["step"], state["epoch"]

@@ -67,15 +67,24 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.position = 0
 
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
-        """{"epoch", "position", "seed", "dataset_len"}; ``consumed`` overrides the position
-        (see the class docstring)."""
+        """{"epoch", "position", "seed", "dataset_len", "world_size"}; ``consumed`` overrides the
+        position (see the class docstring). The state is the same on every rank."""
         position = self.position if consumed is None else consumed
-        return {"epoch": self.epoch, "position": position, "seed": self.seed, "dataset_len": self.dataset_len}
+        return {"epoch": self.epoch, "position": position, "seed": self.seed, "dataset_len": self.dataset_len,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where ``state`` stopped, also with another number of ranks: the epoch order
+        does not depend on the world size, and ``position * world_size`` examples of it were
+        consumed (which must split evenly over the new ranks)."""
         if state["dataset_len"] != self.dataset_len or state["seed"] != self.seed:
             raise ValueError(
                 f"ResumableSampler: the checkpoint was saved for a dataset of {state['dataset_len']} examples with "
                 f"seed {state['seed']}, this run has {self.dataset_len} and seed {self.seed}; resume with the same "
                 "data and seed (or start a fresh output_dir)")
-        self.epoch, self.position = state["epoch"], state["position"]
+        consumed = state["position"] * state.get("world_size", 1)
+        if consumed % self.world_size:
+            raise ValueError(
+                f"ResumableSampler: the checkpoint stopped after {consumed} examples of epoch {state['epoch']}, which "
+                f"do not split over {self.world_size} processes; resume with a process count dividing {consumed}")
+        self.epoch, self.position = state["epoch"], consumed // self.world_size

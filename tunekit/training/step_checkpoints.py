@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from tunekit.training.distributed import barrier, broadcast_from_rank0, get_world_size_and_rank
+
 RECIPE_STATE_DIR = "recipe_state"
 _STATE_FILE = "state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -96,23 +98,41 @@ def save_step_checkpoint(output_dir: str | os.PathLike, step: int, write: Callab
     the exception propagates, leaving earlier checkpoints untouched. An existing folder of the
     same step is replaced only once the new one is complete. With ``keep_last_n`` older step
     folders beyond the newest ``keep_last_n`` are deleted after the save.
+
+    Under a process group every rank calls it: rank 0 creates the tmp folder, ``write`` runs on
+    every rank (sharded state from all ranks, HF files from rank 0 only: ``write`` decides), and
+    rank 0 renames the folder once every rank has finished writing.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out)
+    rank = get_world_size_and_rank()[1]
+    tmp = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out)
+        tmp = out / f".{step_dir_name(step)}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tmp = broadcast_from_rank0(tmp)
     final = out / step_dir_name(step)
-    tmp = out / f".{step_dir_name(step)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
         write(tmp)
-        _fsync_tree(tmp)
+        barrier()
+        if rank == 0:
+            _fsync_tree(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if rank == 0:
+        _commit(out, tmp, final, keep_last_n)
+    barrier()
+    return final
+
+
+def _commit(out: Path, tmp: Path, final: Path, keep_last_n: int | None) -> None:
     old = None
     if final.exists():  # a re-save of the same step (e.g. after resume): swap, then delete the old one
-        old = out / f".{step_dir_name(step)}.old-{os.getpid()}"
+        old = out / f".{final.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
@@ -121,7 +141,6 @@ def save_step_checkpoint(output_dir: str | os.PathLike, step: int, write: Callab
         shutil.rmtree(old, ignore_errors=True)
     if keep_last_n is not None:
         prune_checkpoints(out, keep_last_n)
-    return final
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last_n: int) -> None:

@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from tunekit.training.activation_offloading import offload_activations
+from tunekit.training.distributed import global_token_count, no_grad_sync, sum_over_ranks
 from tunekit.training.losses import chunked_cross_entropy, count_label_tokens
 from tunekit.training.metric_logging import peak_memory_gib, reset_peak_memory
 
@@ -30,11 +33,13 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, loss_chu
 
 def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,
                          device: torch.device, loss_chunks: int, num_label_tokens: int | torch.Tensor | None = None,
-                         grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> float:
+                         grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+                         offload: bool = False) -> float:
     """Forward and backward every micro-batch, adding ``d(summed loss / N)`` to the gradients,
     where N = ``num_label_tokens`` (default: the labelled tokens of ``micro_batches``; the
     distributed recipes pass the count over all ranks). ``grad_sync(is_last)`` may return a
-    context that suppresses gradient reduction on all but the last micro-batch.
+    context that suppresses gradient reduction on all but the last micro-batch. ``offload`` keeps
+    the activations saved for backward in host memory (``activation_offloading``).
     Returns this process's summed loss / N (the step loss on one device)."""
     if num_label_tokens is None:
         num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
@@ -43,7 +48,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, tor
     for i, batch in enumerate(micro_batches):
         context = grad_sync(i == len(micro_batches) - 1) if grad_sync is not None else contextlib.nullcontext()
         with context:
-            loss = batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks) / denominator
+            with offload_activations(device, enabled=offload):
+                loss = batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks) / denominator
             loss.backward()
         total += loss.detach()
     return total.item()  # one device sync per step, not one per micro-batch
@@ -63,11 +69,14 @@ def accumulation_groups(loader: Iterable[dict[str, torch.Tensor]], n: int) -> It
 
 
 def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
-    """Clip by global L2 norm (``max_norm`` None: only measure) and return the norm before clipping."""
+    """Clip by global L2 norm (``max_norm`` None: only measure) and return the norm before clipping.
+    With FSDP-sharded parameters the norm is over all ranks' shards, so every rank clips alike."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return 0.0
     norm = nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()  # a partial norm per rank -> the global one (one all-reduce)
     if max_norm is not None:
         nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
@@ -76,20 +85,27 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -
 def optimizer_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,
                    parameters: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, loss_chunks: int,
-                   max_grad_norm: float | None) -> dict[str, float]:
-    """One training step on one device: accumulate the micro-batches' gradients, clip
-    ``parameters``, step the optimizer and the lr schedule. Returns the step's metrics: loss, lr
-    (the lr this step used), grad_norm, tokens_per_second (input tokens incl. padding) and
-    peak_memory_gib."""
+                   max_grad_norm: float | None, offload: bool = False) -> dict[str, float]:
+    """One training step: accumulate the micro-batches' gradients, clip ``parameters``, step the
+    optimizer and the lr schedule. Returns the step's metrics: loss, lr (the lr this step used),
+    grad_norm, tokens_per_second (input tokens incl. padding) and peak_memory_gib (this process).
+
+    Under a process group with an FSDP-sharded model (the distributed recipes) the same call is
+    data parallel: the loss is normalised by the labelled tokens of all ranks, gradients are
+    reduced once per step (not per micro-batch), and loss and tokens/s cover all ranks.
+    """
     reset_peak_memory(device)
     start = time.perf_counter()
-    loss = accumulate_gradients(model, micro_batches, device=device, loss_chunks=loss_chunks)
+    loss = accumulate_gradients(model, micro_batches, device=device, loss_chunks=loss_chunks, offload=offload,
+                                num_label_tokens=global_token_count([b["labels"] for b in micro_batches]),
+                                grad_sync=lambda is_last: no_grad_sync(model, enabled=not is_last))
+    tokens = sum(b["tokens"].numel() for b in micro_batches)
+    loss, tokens = sum_over_ranks(loss, tokens)
     grad_norm = clip_gradients(parameters, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = lr_scheduler.get_last_lr()[0]
     lr_scheduler.step()
-    tokens = sum(b["tokens"].numel() for b in micro_batches)
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_second": tokens / (time.perf_counter() - start), "peak_memory_gib": peak_memory_gib(device)}
 

@@ -13,8 +13,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from tiny_decoder import TinyDecoder, global_micro_batches, token_loss_sum
 
 from tunekit.training.activation_offloading import offload_activations
+from tunekit.training.train_step import clip_gradients
 from tunekit.training.distributed import (
-    clip_grad_norm,
     gather_full_state_dict,
     global_token_count,
     init_distributed,
@@ -70,9 +70,9 @@ def train_sharded(model, rank, world_size, steps=STEPS, offload=False):
             if i < len(mine) - 1:  # accumulated locally: nothing reduced into the sharded grads yet
                 assert all(p.grad is None for p in model.parameters()), "no_grad_sync still reduced"
         dist.all_reduce(total)
-        norm = clip_grad_norm(model.parameters(), MAX_NORM)
-        assert type(norm) is torch.Tensor, type(norm)
-        norms.append(norm.item())
+        norm = clip_gradients(model.parameters(), MAX_NORM)
+        assert type(norm) is float, type(norm)
+        norms.append(norm)
         opt.step()
         opt.zero_grad()
         losses.append(total.item())

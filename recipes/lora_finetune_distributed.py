@@ -1,0 +1,174 @@
+"""LoRA, DoRA and QLoRA fine-tuning on several processes (GPUs or CPU ranks) with FSDP2.
+
+    tunekit run --nproc_per_node 2 lora_finetune_distributed --config llama3_2/1B_lora
+    tunekit run --nproc_per_node 8 lora_finetune_distributed --config llama3_1/8B_qlora resume=true
+    tunekit run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \\
+        lora_finetune_distributed --config llama3_1/8B_lora          # on every node (docs/distributed.md)
+
+The single-device recipe's loop, data parallel: each of N processes holds 1/N of every weight
+(one FSDP unit per decoder layer), takes ``batch_size`` examples of every micro-batch (the global
+batch is ``batch_size x N x gradient_accumulation_steps``) and the loss is normalised by the
+labelled tokens of all ranks, so N processes follow the single-device loss curve of the same
+global batch. Rank 0 reads the checkpoint; the other ranks build the model on the meta device and
+receive their shards. ``dtype: bf16`` computes in bf16 (FSDP mixed precision) while the adapters
+train in fp32 and gradients are reduced in fp32; the frozen base stays bf16 (NF4 with
+``lora.quantize_base``). Checkpoints are the single-device ``step_<N>/`` folders (merged HF model
+and ``adapter/`` written by rank 0) whose ``recipe_state/`` holds sharded DCP state: ``resume=true``
+works with the same or another number of processes. docs/distributed.md explains the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tunekit.config
+from tunekit.config import instantiate
+from tunekit.training.checkpoint_files import write_lora_model
+from tunekit.training.data_loaders import count_training_steps, train_loader
+from tunekit.training.device import get_device, get_dtype
+from tunekit.training.distributed import (
+    any_rank,
+    destroy_distributed,
+    gather_full_state_dict,
+    init_distributed,
+    local_device,
+    log_rank_zero,
+    rank_zero_metric_logger,
+    shard_from_rank0,
+)
+from tunekit.training.evaluation import build_eval_loaders, evaluate_all
+from tunekit.training.interrupt import stop_on_sigint
+from tunekit.training.recipe_models import (
+    build_lora_model,
+    lora_architecture,
+    lora_model_from_state_dict,
+    quantize_lora_bases,
+)
+from tunekit.training.recipe_checks import check_positive_ints
+from tunekit.training.resume import restore_sharded_training_state, save_sharded_training_state
+from tunekit.training.rng import set_seed
+from tunekit.training.sampler import ResumableSampler
+from tunekit.training.step_checkpoints import checkpoint_to_resume, save_step_checkpoint
+from tunekit.training.train_step import accumulation_groups, optimizer_step
+
+log = logging.getLogger("tunekit.recipes.lora_finetune_distributed")
+
+
+def build_model(cfg, device: torch.device, dtype: torch.dtype, rank: int) -> nn.Module:
+    """The LoRA model of ``cfg``, sharded over all ranks. Rank 0 builds it exactly as the
+    single-device recipe does (same adapters for the same seed), the others on the meta device;
+    QLoRA bases are quantized unit by unit, after their full weight arrived on every rank."""
+    if rank == 0:
+        model = build_lora_model(cfg.model, cfg.lora, dtype=dtype, device="cpu", quantize_base=False)
+    else:
+        model = lora_architecture(cfg.checkpoint_dir, cfg.lora, dtype=dtype)
+    mixed_precision = dtype != torch.float32
+    for p in model.parameters():
+        if p.requires_grad and mixed_precision:
+            p.data = p.data.float()  # fp32 adapters and optimizer state; FSDP casts them for compute
+    shard_from_rank0(model, device=device, before_shard=quantize_lora_bases if cfg.lora.quantize_base else None,
+                     mp_dtype=dtype if mixed_precision else None, reduce_dtype=torch.float32,
+                     reshard_after_forward=cfg.fsdp.reshard_after_forward,
+                     activation_checkpointing=cfg.activation_checkpointing, cpu_offload=cfg.fsdp.cpu_offload)
+    if cfg.compile:
+        for layer in model.layers:
+            layer.compile()
+    return model
+
+
+def save_checkpoint(cfg, model: nn.Module, step: int, progress: dict) -> Path:
+    """``step_<N>/`` as the single-device recipe writes it (merged HF model and PEFT ``adapter/``,
+    from rank 0) with sharded resume state from every rank, committed atomically by rank 0."""
+
+    def write(folder: Path) -> None:
+        full = gather_full_state_dict(model)  # collective; CPU tensors on rank 0 only
+        if full:
+            write_lora_model(folder, lora_model_from_state_dict(cfg.checkpoint_dir, cfg.lora, full),
+                             cfg.checkpoint_dir)
+        del full
+        save_sharded_training_state(folder, model=model, trainable_only=True, **progress)
+
+    path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n)
+    log_rank_zero(log, f"saved {path}")
+    return path
+
+
+def main(cfg) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_positive_ints(cfg, "batch_size", "gradient_accumulation_steps", "epochs", "loss_chunks", "eval_every_n_steps",
+                        "save_every_n_steps", "log_every_n_steps", optional=("max_steps", "eval_max_batches", "keep_last_n"))
+    device = get_device(cfg.device)
+    dtype = get_dtype(cfg.dtype, device)
+    rank, world_size = init_distributed(device)
+    device = local_device(device)
+    resume_dir = checkpoint_to_resume(cfg.output_dir, cfg.resume)
+    set_seed(cfg.seed)
+
+    model = build_model(cfg, device, dtype, rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log_rank_zero(log, f"{world_size} processes; trainable parameters: {sum(p.numel() for p in trainable):,}")
+
+    tokenizer = instantiate(cfg.tokenizer)
+    train_set = instantiate(cfg.dataset, tokenizer)
+    sampler = ResumableSampler(len(train_set), rank=rank, world_size=world_size, shuffle=cfg.shuffle, seed=cfg.seed)
+    loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    # every rank evaluates the same global batches: the numbers of the single-device recipe
+    eval_sets = build_eval_loaders({"val_loss": cfg.val_dataset, "forget_loss": cfg.forget_dataset}, tokenizer,
+                                   batch_size=cfg.batch_size * world_size, num_workers=cfg.num_workers)
+
+    _, total_steps = count_training_steps(len(loader), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                          epochs=cfg.epochs, max_steps=cfg.max_steps)
+    optimizer = instantiate(cfg.optimizer, trainable)
+    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
+
+    step, epoch = 0, 0
+    set_seed(cfg.seed + rank)  # each rank its own dropout stream
+    if resume_dir is not None:
+        step, epoch = restore_sharded_training_state(resume_dir, model=model, optimizer=optimizer,
+                                                     lr_scheduler=lr_scheduler, sampler=sampler,
+                                                     trainable_only=True, seed=cfg.seed)
+        log_rank_zero(log, f"resumed from {resume_dir} at step {step}, epoch {epoch}")
+
+    logger = rank_zero_metric_logger(cfg.output_dir, total_steps=total_steps, initial_step=step,
+                                     log_every=cfg.log_every_n_steps, **cfg.metric_logging)
+    with stop_on_sigint() as stop, logger:
+        model.train()
+        while step < total_steps:
+            sampler.set_epoch(epoch)
+            consumed = sampler.position
+            for micro_batches in accumulation_groups(loader, cfg.gradient_accumulation_steps):
+                metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
+                                         lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
+                                         max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
+                step += 1
+                consumed += sum(len(b["tokens"]) for b in micro_batches)
+                metrics["epoch"] = epoch
+                if step % cfg.eval_every_n_steps == 0 or step == total_steps:
+                    metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
+                                                max_batches=cfg.eval_max_batches))
+                logger.log(step, metrics)
+                stopping = any_rank(stop.is_set)  # every rank must take the same branch
+                if step % cfg.save_every_n_steps == 0 or step == total_steps or stopping:
+                    progress = dict(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                    sampler=sampler, consumed=consumed)
+                    save_checkpoint(cfg, model, step, progress)
+                if stopping:
+                    log_rank_zero(log, f"stopped at step {step}; continue with resume=true")
+                    return
+                if step == total_steps:
+                    break
+            else:
+                epoch += 1
+    log_rank_zero(log, f"done: {step} steps, checkpoints in {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main(tunekit.config.parse(sys.argv[1:]))
+    finally:
+        destroy_distributed()
