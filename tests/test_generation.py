@@ -1,5 +1,5 @@
 """Generation against transformers' generate: greedy token for token (with and without our KV
-cache, batches with left padding, Llama and Qwen2 with q/k/v biases), stop tokens, and the
+cache, batches with left padding; Llama, Qwen2 with q/k/v biases, Mistral with a sliding window), stop tokens, and the
 sampling distributions against probabilities computed independently in float64."""
 
 import math
@@ -30,10 +30,12 @@ def _hf_config(family):
                   pad_token_id=PAD)
     if family == "llama":
         return transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    if family == "mistral":  # a window shorter than prompt + answer: the cache path must apply it
+        return transformers.MistralConfig(**common, sliding_window=5), transformers.MistralForCausalLM
     return transformers.Qwen2Config(**common, tie_word_embeddings=False), transformers.Qwen2ForCausalLM
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def models(request, tmp_path_factory):
     """(transformers model, tunekit model loaded from its save_pretrained folder)."""
     config, cls = _hf_config(request.param)
