@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -119,12 +120,17 @@ def qwen_pair(request, qwen_json, tmp_path_factory):
     return from_hf(folder), hf
 
 
-def sp_pair(source, tmp_path_factory, template):
+def sp_pair(source, tmp_path_factory, template, **config_changes):
+    """The checkpoint folder ``source`` with a chat template added to its tokenizer_config.json.
+
+    The config is copied as written: rebuilding it from ``AutoTokenizer.init_kwargs`` loses
+    ``tokenizer_class`` and ``legacy`` (not kept there), and transformers >= 5.24 then loads a
+    generic backend with legacy=True, a different tokenizer than the checkpoint's.
+    """
     folder = tmp_path_factory.mktemp(template)
     shutil.copy(source / "tokenizer.model", folder / "tokenizer.model")
-    config = AutoTokenizer.from_pretrained(source).init_kwargs
-    write_config(folder, **{k: v for k, v in config.items() if isinstance(v, (str, bool))
-                            and k not in ("name_or_path", "vocab_file")},
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    write_config(folder, **{**config, **config_changes},
                  chat_template=(TEMPLATES / f"{template}.jinja").read_text())
     return from_hf(folder), AutoTokenizer.from_pretrained(folder)
 
@@ -287,12 +293,16 @@ def test_mistral_v3(mistral_v3_pair, name, tools):
         tok.tokenize_messages(bad)
 
 
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("fmt", ["llama2", "mistral"])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_inst_formats(llama_sp, tmp_path_factory, fmt, name):
-    tok, hf = sp_pair(llama_sp, tmp_path_factory, fmt)
-    assert tok.chat_format.name == fmt
-    check_chat(tok, hf, fmt, CONVERSATIONS[name])
+def test_inst_formats(llama_sp, tmp_path_factory, fmt, name, legacy):
+    # legacy=True (HF's flag in tokenizer_config.json): "[INST]" after <s> gets a dummy prefix.
+    tok, hf = sp_pair(llama_sp, tmp_path_factory, fmt, legacy=legacy)
+    assert tok.chat_format.name == fmt and hf.legacy is legacy
+    tokens, _ = check_chat(tok, hf, fmt, CONVERSATIONS[name])
+    if fmt == "llama2":  # "<s>[INST]": only legacy puts the dummy prefix "▁" between the two
+        assert (hf.convert_ids_to_tokens(tokens[1]) == "▁") is legacy
 
 
 @pytest.mark.parametrize("name", ["one_turn", "prompt_only"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tunekit.data.tokenizers import (
     llama3_tokenizer,
     load_tokenizer_json,
 )
+from tunekit.data.tokenizers.base import _trie_pattern
 from tunekit.data.tokenizers.hf_json import byte_decoder
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
@@ -169,6 +172,26 @@ def test_trained_tokenizer_json_falls_back_to_tokenizers(tmp_path, caplog):
                  normalize=lambda s: unicodedata.normalize("NFC", s))
 
 
+def test_fallback_without_tokenizers_library_names_file_and_package(tmp_path, monkeypatch):
+    hf = train_bytelevel_bpe(QWEN2_PATTERN, QWEN_SPECIALS)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` fail
+    with pytest.raises(ImportError) as e:
+        load_tokenizer_json(tmp_path / "tokenizer.json", bos_token=None, eos_token="<|endoftext|>")
+    assert str(e.value).startswith(f"{tmp_path / 'tokenizer.json'}: merges are not rank-consistent")
+    assert "pip install tokenizers" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["<a><ab>", "x<a>b<abc>y<ab", "<<ab><a>>", "<abcd>", ""])
+def test_added_tokens_match_longest_first(text):
+    # HF splits added tokens out leftmost-longest; the trie regex must agree with a plain
+    # longest-first alternation, also when one token is a prefix of another.
+    words = ["<a>", "<ab>", "<a>b", "<abc>", "b<a"]
+    reference = re.compile("|".join(map(re.escape, sorted(words, key=len, reverse=True))))
+    ours = re.compile(_trie_pattern(words))
+    assert [m.group() for m in ours.finditer(text)] == reference.findall(text)
+
+
 def test_merge_order_violation_is_detected(tmp_path, qwen_json, caplog):
     spec = json.loads(qwen_json[0].read_text())
     merges = spec["model"]["merges"]
@@ -248,6 +271,21 @@ def test_sentencepiece_llama_matches_transformers(llama_sp):
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (hf.bos_token_id, hf.eos_token_id, len(hf))
     # as in HF, a leading space replaces the dummy prefix instead of adding to it
     assert tok.encode(" lead", False, False) == hf(" lead", add_special_tokens=False).input_ids
+
+
+def test_sentencepiece_legacy_matches_transformers(llama_sp, tmp_path):
+    # legacy=true in tokenizer_config.json: HF prefixes every chunk after a special token too.
+    shutil.copy(llama_sp / "tokenizer.model", tmp_path / "tokenizer.model")
+    config = json.loads((llama_sp / "tokenizer_config.json").read_text())
+    write_config(tmp_path, **{**config, "legacy": True})
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    tok = from_hf(tmp_path)
+    assert hf.legacy is True
+    for text in SP_TEXTS + [" lead<s> y", "a</s>\nb"]:
+        ids = tok.encode(text, add_bos=False, add_eos=False)
+        assert ids == hf(text, add_special_tokens=False).input_ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == hf.decode(ids), text
+    assert tok.encode("<s>x", False, False) != from_hf(llama_sp).encode("<s>x", False, False)
 
 
 def test_sentencepiece_gemma_matches_transformers(gemma_sp):

@@ -4,7 +4,7 @@ Batches follow the Batch contract of docs/design.md: labels are already shifted 
 ``CROSS_ENTROPY_IGNORE_INDEX`` (-100) marks positions without a loss.
 """
 
-from tunekit.data.collate import block_causal_mask, packed_collate, padded_collate, preference_collate
+from tunekit.data.collate import packed_collate, padded_collate, preference_collate
 from tunekit.data.datasets import (
     PreferenceDataset,
     SFTDataset,
@@ -29,6 +29,7 @@ from tunekit.data.messages import (
 )
 from tunekit.data.packing import PackedDataset, greedy_pack, pack_dataset
 from tunekit.data.sources import load_rows
+from tunekit.modules.masks import block_causal_mask  # re-exported: what packed batches use
 
 __all__ = [
     "CROSS_ENTROPY_IGNORE_INDEX", "DataError", "Message",

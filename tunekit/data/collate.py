@@ -1,7 +1,8 @@
 """Collate functions: lists of examples -> batches following the Batch contract (docs/design.md).
 
 Unpacked rows are right-padded (``pad_id`` tokens, -100 labels) and need no mask (plain causal).
-Packed rows carry per-document ``input_pos`` and a block-causal ``mask``.
+Packed rows carry per-document ``input_pos`` and a block-causal ``mask``, built by the mask
+functions of ``tunekit.modules.masks`` that the attention consumes (one definition of the mask).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from tunekit.data.labels import CROSS_ENTROPY_IGNORE_INDEX
+from tunekit.modules.masks import block_causal_mask, document_ids_from_seq_lens, document_positions
 
 
 def _long(x: Any) -> torch.Tensor:
@@ -48,40 +50,6 @@ def preference_collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str
     return padded_collate(chosen + rejected, pad_id)
 
 
-def document_ids(seq_lens: Sequence[torch.Tensor], seq_len: int) -> torch.Tensor:
-    """Per-token document index of each packed row, padding counted as one more document.
-
-    seq_lens: b tensors of document lengths (each summing to <= seq_len). Returns LongTensor[b, s].
-    """
-    rows = []
-    for lens in seq_lens:
-        lens = _long(lens)
-        pad = seq_len - int(lens.sum())
-        if pad < 0:
-            raise ValueError(f"packed row holds {int(lens.sum())} tokens, more than seq_len={seq_len}")
-        if pad:
-            lens = torch.cat([lens, lens.new_tensor([pad])])
-        rows.append(torch.repeat_interleave(torch.arange(len(lens)), lens))
-    return torch.stack(rows)
-
-
-def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """BoolTensor[b, s, s]: query i may attend key j iff j <= i and both are in the same document."""
-    s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril_()
-    return (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-
-
-def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """LongTensor[b, s]: position of each token inside its own document (restarts at 0)."""
-    b, s = doc_ids.shape
-    idx = torch.arange(s, device=doc_ids.device).expand(b, s)
-    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start = torch.cummax(torch.where(is_start, idx, torch.zeros_like(idx)), dim=1).values
-    return idx - start
-
-
 def packed_collate(batch: Sequence[dict[str, Any]], pad_id: int, seq_len: int
                    ) -> dict[str, torch.Tensor]:
     """Packed rows ``{"tokens", "labels", "seq_lens"}`` -> a fixed-length batch.
@@ -90,7 +58,7 @@ def packed_collate(batch: Sequence[dict[str, Any]], pad_id: int, seq_len: int
     seq_len]. Padding at the end of a row forms its own causal block (so no row of the mask is all
     False) with positions restarting at 0; its labels are -100.
     """
-    doc_ids = document_ids([ex["seq_lens"] for ex in batch], seq_len)
+    doc_ids = document_ids_from_seq_lens([_long(ex["seq_lens"]).tolist() for ex in batch], seq_len)
     return {
         "tokens": _pad_right([_long(ex["tokens"]) for ex in batch], pad_id, seq_len),
         "labels": _pad_right([_long(ex["labels"]) for ex in batch], CROSS_ENTROPY_IGNORE_INDEX, seq_len),

@@ -8,9 +8,30 @@ tokens before running the model, so ``encode`` of a rendered chat equals HF's id
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from tunekit.data.tokenizers.chat_formats import ChatFormat, Message
+
+
+def _trie_pattern(words: Iterable[str]) -> str:
+    """A regex matching any of ``words``, the longest one where several match at a position (as
+    HF matches added tokens). Written as a trie: Python's ``re`` tries the alternatives of a flat
+    ``a|b|c`` one by one at every position, which for Llama 3's 256 special tokens costs more
+    than the BPE itself."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def pattern(node: dict) -> str:
+        alts = [re.escape(ch) + pattern(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longer word first
+    return pattern(trie)
 
 
 class BaseTokenizer:
@@ -39,9 +60,9 @@ class BaseTokenizer:
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self._normalize = normalize
-        # Longest first: when one added token is a prefix of another, HF matches the longer one.
-        names = sorted(self.added_tokens, key=len, reverse=True)
-        self._added_re = re.compile("|".join(map(re.escape, names))) if names else None
+        # Splits text into [text, added token, text, added token, ..., text].
+        self._added_split = (re.compile(f"({_trie_pattern(self.added_tokens)})").split
+                             if self.added_tokens else lambda text: [text])
         self.set_chat_format(chat_format)
 
     def set_chat_format(self, chat_format: ChatFormat | None) -> None:
@@ -54,13 +75,21 @@ class BaseTokenizer:
         self.stop_tokens = list(dict.fromkeys(stops))
 
     # -- to implement -------------------------------------------------------------------------
-    def _encode_chunk(self, text: str, at_start: bool,
-                      offsets: bool) -> tuple[list[int], list[int] | None]:
-        """Ids of ``text`` (no added tokens inside) and, when ``offsets``, each token's start
-        character offset in ``text``.
+    def _encode_chunk(self, text: str, at_start: bool) -> list[int]:
+        """Ids of ``text`` (no added tokens inside).
 
         ``at_start`` is True when the chunk begins the whole input (sentencepiece adds its dummy
         prefix only there, like HF's ``prepend_scheme="first"``).
+        """
+        raise NotImplementedError
+
+    def _encode_chunk_cut(self, text: str, at_start: bool,
+                          cuts: list[int]) -> tuple[list[int], list[int]]:
+        """``_encode_chunk(text, at_start)`` and, for each character offset in ``cuts``
+        (increasing, inside ``text``), the number of tokens that start before it.
+
+        A token "starts" at the character holding its first byte, so a token that straddles a
+        cut belongs to the side where it begins.
         """
         raise NotImplementedError
 
@@ -68,40 +97,22 @@ class BaseTokenizer:
         raise NotImplementedError
 
     # -- the contract --------------------------------------------------------------------------
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """Ids of ``text`` (added/special tokens written in the text become their id) and the
-        start character offset of every id. No BOS/EOS is added."""
-        if self._normalize is not None:
-            text = self._normalize(text)
-        return self._encode_normalized(text, offsets=True)
-
-    def _encode_normalized(self, text: str, offsets: bool) -> tuple[list[int], list[int]]:
+    def _encode_normalized(self, text: str) -> list[int]:
         ids: list[int] = []
-        starts: list[int] = []
-        pos = 0
-        for m in (self._added_re.finditer(text) if self._added_re else ()):
-            self._encode_into(text[pos:m.start()], pos, ids, starts, offsets)
-            ids.append(self.added_tokens[m.group()])
-            starts.append(m.start())
-            pos = m.end()
-        self._encode_into(text[pos:], pos, ids, starts, offsets)
-        return ids, starts
-
-    def _encode_into(self, chunk: str, pos: int, ids: list[int], starts: list[int],
-                     offsets: bool) -> None:
-        if not chunk:
-            return
-        chunk_ids, chunk_starts = self._encode_chunk(chunk, at_start=pos == 0, offsets=offsets)
-        ids.extend(chunk_ids)
-        if offsets:
-            starts.extend(s + pos for s in chunk_starts)
+        added = self.added_tokens
+        for k, piece in enumerate(self._added_split(text)):
+            if k & 1:
+                ids.append(added[piece])
+            elif piece:
+                ids += self._encode_chunk(piece, k == 0)
+        return ids
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
         """``text`` -> token ids, with BOS first / EOS last when asked (BOS only if the model has
         one)."""
         if self._normalize is not None:
             text = self._normalize(text)
-        ids = self._encode_normalized(text, offsets=False)[0]
+        ids = self._encode_normalized(text)
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -149,12 +160,58 @@ class BaseTokenizer:
                                         eos=self._token_text(self.eos_id))
         if self._normalize is not None:
             parts = [(self._normalize(t), trained) for t, trained in parts]
-        text = "".join(t for t, _ in parts)
-        char_trained = [trained for t, trained in parts for _ in t]
-        ids, starts = self._encode_normalized(text, offsets=True)
-        mask = [not char_trained[s] for s in starts]
+        ids, mask = self._encode_parts(parts)
         if self.max_seq_len is not None:
             ids, mask = ids[:self.max_seq_len], mask[:self.max_seq_len]
+        return ids, mask
+
+    def _encode_parts(self, parts: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+        """Encode the joined text of ``parts`` exactly like ``encode`` and mask (True) every token
+        that starts in an untrained part.
+
+        Offsets are only computed for the few chunks (text between added tokens) in which the
+        trained flag changes; the other chunks get one flag for all their tokens. This keeps the
+        per-token Python work to list extends, which is what makes chat tokenization fast.
+        """
+        # Runs of equal flag: run r covers text[starts[r]:starts[r + 1]], masked iff masked[r].
+        starts: list[int] = []
+        masked: list[bool] = []
+        pos = 0
+        for t, trained in parts:
+            if t and (not masked or masked[-1] == trained):
+                starts.append(pos)
+                masked.append(not trained)
+            pos += len(t)
+        starts.append(pos)
+        ids: list[int] = []
+        mask: list[bool] = []
+        added = self.added_tokens
+        run = pos = 0
+        for k, piece in enumerate(self._added_split("".join(t for t, _ in parts))):
+            if not piece:
+                continue
+            end = pos + len(piece)
+            while starts[run + 1] <= pos:
+                run += 1
+            if k & 1:
+                ids.append(added[piece])
+                mask.append(masked[run])
+            elif starts[run + 1] >= end:  # the chunk lies in one run
+                chunk_ids = self._encode_chunk(piece, k == 0)
+                ids += chunk_ids
+                mask += [masked[run]] * len(chunk_ids)
+            else:
+                last = run
+                while starts[last + 1] < end:
+                    last += 1
+                chunk_ids, counts = self._encode_chunk_cut(
+                    piece, k == 0, [starts[r] - pos for r in range(run + 1, last + 1)])
+                ids += chunk_ids
+                done = 0
+                for r, count in enumerate([*counts, len(chunk_ids)], run):
+                    mask += [masked[r]] * (count - done)
+                    done = count
+            pos = end
         return ids, mask
 
     def _token_text(self, token_id: int | None) -> str:

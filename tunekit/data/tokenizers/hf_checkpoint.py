@@ -7,8 +7,9 @@ Which file is used:
 2. else ``tokenizer.json`` (byte-level BPE) -> tiktoken-backed BPE (Qwen2/2.5/3, Llama 3, ...).
 3. else a tiktoken file at ``original/tokenizer.model`` or ``tokenizer.model`` -> Llama 3.
 
-``tokenizer_config.json`` supplies bos/eos/pad tokens, added tokens (``added_tokens_decoder``)
-and the ``chat_template`` used to pick the chat format when none is given.
+``tokenizer_config.json`` supplies bos/eos/pad tokens, added tokens (``added_tokens_decoder``),
+``legacy`` (sentencepiece: dummy prefix after special tokens too) and the ``chat_template`` used
+to pick the chat format when none is given.
 """
 
 from __future__ import annotations
@@ -104,8 +105,12 @@ def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
 
     kind, path = _pick_file(folder)
     if kind == "sentencepiece":
+        # An absent "legacy" means False, as in transformers 5's LlamaTokenizer.
+        legacy = config.get("legacy", False)
+        if not isinstance(legacy, bool):
+            raise ValueError(f"{config_path}: key 'legacy' must be true or false, got {legacy!r}")
         tok: BaseTokenizer = SentencePieceTokenizer(path, added_tokens=added, bos_token=bos,
-                                                    eos_token=eos, pad_token=pad)
+                                                    eos_token=eos, pad_token=pad, legacy=legacy)
     elif kind == "tokenizer.json":
         if eos is None:
             raise ValueError(f"{config_path}: eos_token is missing; it is needed with "

@@ -5,13 +5,14 @@ listed first in ``merges``. Both give the same ids when (1) merge order follows 
 merged tokens and (2) every split of a vocabulary token into two vocabulary tokens is a listed
 merge (otherwise tiktoken could build a token from a pair HF never merges). ``load_tokenizer_json``
 checks both; when a file fails them it falls back to the ``tokenizers`` library itself (exact, also
-Rust), logging why. Normalizers and pre-tokenizers other than the ones below raise a ValueError
+Rust; an optional dependency, asked for by name when missing), logging why. Normalizers and pre-tokenizers other than the ones below raise a ValueError
 instead of silently encoding differently.
 """
 
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 import logging
 import unicodedata
 from collections.abc import Callable
@@ -147,9 +148,13 @@ class HFTokenizersBPE(BaseTokenizer):
         self._tok = Tokenizer.from_file(str(path))
         super().__init__(**kwargs)
 
-    def _encode_chunk(self, text, at_start, offsets):
+    def _encode_chunk(self, text, at_start):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _encode_chunk_cut(self, text, at_start, cuts):
         enc = self._tok.encode(text, add_special_tokens=False)
-        return enc.ids, ([o[0] for o in enc.offsets] if offsets else None)
+        char_starts = [o[0] for o in enc.offsets]
+        return enc.ids, [bisect_left(char_starts, c) for c in cuts]
 
     def _decode_chunk(self, ids, at_start):
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -212,6 +217,12 @@ def load_tokenizer_json(path: str | Path, *, bos_token: str | None, eos_token: s
     pad_id = token_id(pad_token, "pad_token")
     if problem is None:
         return TiktokenTokenizer(ranks, pattern, pad_id=pad_id, name=f"hf:{where}", **kwargs)
+    try:
+        import tokenizers  # noqa: F401  (an optional dependency: only these files need it)
+    except ImportError:
+        raise ImportError(f"{where}: merges are not rank-consistent ({problem}), so tiktoken "
+                          "cannot reproduce this tokenizer; it needs the Hugging Face tokenizers "
+                          "library: pip install tokenizers") from None
     log.warning("%s: merges are not rank-consistent (%s); using the tokenizers library "
                 "instead of tiktoken", where, problem)
     vocab_size = max(max(ranks.values()), max(added.values(), default=0)) + 1

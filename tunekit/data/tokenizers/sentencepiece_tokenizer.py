@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from pathlib import Path
 
 import sentencepiece as spm
@@ -9,15 +10,6 @@ from sentencepiece import sentencepiece_model_pb2
 
 from tunekit.data.tokenizers.base import BaseTokenizer
 from tunekit.data.tokenizers.chat_formats import ChatFormat
-
-
-def _char_starts(text: str, byte_starts: list[int]) -> list[int]:
-    """UTF-8 byte offsets into ``text`` -> character offsets."""
-    char_at = []
-    for i, ch in enumerate(text):
-        char_at.extend([i] * len(ch.encode("utf-8")))
-    char_at.append(len(text))
-    return [char_at[min(b, len(char_at) - 1)] for b in byte_starts]
 
 
 class SentencePieceTokenizer(BaseTokenizer):
@@ -28,6 +20,10 @@ class SentencePieceTokenizer(BaseTokenizer):
     special token such as ``<s>`` or ``<start_of_turn>``, and not when the text already starts
     with a space (so, as in HF, ``decode(encode(" x"))`` loses that leading space).
 
+    ``legacy=True`` is HF's ``legacy`` flag of ``tokenizer_config.json`` (Metaspace
+    ``prepend_scheme="always"``): every text chunk, also one right after a special token, gets the
+    dummy prefix (still not when it starts with a space).
+
     ``added_tokens`` adds/overrides token strings -> ``(id, special)`` (from
     ``tokenizer_config.json``); control and user-defined pieces of the model are always added.
     """
@@ -35,8 +31,9 @@ class SentencePieceTokenizer(BaseTokenizer):
     def __init__(self, path: str | Path, *, added_tokens: dict[str, tuple[int, bool]] | None = None,
                  bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, chat_format: ChatFormat | None = None,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, legacy: bool = False):
         path = Path(path)
+        self._legacy = legacy
         try:
             proto = sentencepiece_model_pb2.ModelProto()
             proto.ParseFromString(path.read_bytes())
@@ -78,13 +75,20 @@ class SentencePieceTokenizer(BaseTokenizer):
                          vocab_size=max([sp.get_piece_size() - 1, *tokens.values()]) + 1,
                          chat_format=chat_format, max_seq_len=max_seq_len)
 
-    def _encode_chunk(self, text, at_start, offsets):
+    def _processor(self, text: str, at_start: bool) -> spm.SentencePieceProcessor:
         # HF's Metaspace prepends "▁" only when the text does not already start with a space.
-        sp = self._sp if at_start and not text.startswith(" ") else self._sp_inner
-        if not offsets:
-            return sp.encode(text), None
-        pieces = sp.encode(text, return_type="proto").pieces
-        return [p.id for p in pieces], _char_starts(text, [p.begin for p in pieces])
+        prefixed = (at_start or self._legacy) and not text.startswith(" ")
+        return self._sp if prefixed else self._sp_inner
+
+    def _encode_chunk(self, text, at_start):
+        return self._processor(text, at_start).encode(text)
+
+    def _encode_chunk_cut(self, text, at_start, cuts):
+        pieces = self._processor(text, at_start).encode(text, return_type="proto").pieces
+        byte_starts = [p.begin for p in pieces]  # UTF-8 byte offsets into text
+        if not text.isascii():
+            cuts = [len(text[:c].encode("utf-8")) for c in cuts]
+        return [p.id for p in pieces], [bisect_left(byte_starts, c) for c in cuts]
 
     def _decode_chunk(self, ids, at_start):
         return (self._sp if at_start else self._sp_inner).decode(ids)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from bisect import bisect_left
 from collections.abc import Callable
+from itertools import accumulate
 from pathlib import Path
 
 import tiktoken
@@ -78,9 +80,22 @@ class TiktokenTokenizer(BaseTokenizer):
                          vocab_size=vocab_size, chat_format=chat_format,
                          max_seq_len=max_seq_len, normalize=normalize)
 
-    def _encode_chunk(self, text, at_start, offsets):
+        # Byte length of every token, so token offsets are a running sum (tiktoken's
+        # decode_with_offsets does the same per token in Python, several times slower).
+        self._token_len = [0] * (max(mergeable_ranks.values()) + 1)
+        for token, rank in mergeable_ranks.items():
+            self._token_len[rank] = len(token)
+
+    def _encode_chunk(self, text, at_start):
+        return self._enc.encode_ordinary(text)
+
+    def _encode_chunk_cut(self, text, at_start, cuts):
         ids = self._enc.encode_ordinary(text)
-        return ids, (self._enc.decode_with_offsets(ids)[1] if offsets else None)
+        byte_starts = list(accumulate(map(self._token_len.__getitem__, ids), initial=0))
+        if not text.isascii():
+            cuts = [len(text[:c].encode("utf-8")) for c in cuts]
+        # A token whose first byte lies before the cut's first byte starts before the cut.
+        return ids, [bisect_left(byte_starts, c, 0, len(ids)) for c in cuts]
 
     def _decode_chunk(self, ids, at_start):
         return self._enc.decode(ids, errors="replace")
