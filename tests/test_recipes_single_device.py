@@ -251,9 +251,9 @@ def test_shipped_tiny_config_runs_as_is(tmp_path):
 
 
 def _shape(cfg):
-    """Top-level keys plus the keys of the non-component sections (lora, metric_logging)."""
+    """Top-level keys plus the keys of the non-component sections (lora, metric_logging, fsdp)."""
     keys = set(cfg)
-    for section in ("lora", "metric_logging"):
+    for section in ("lora", "metric_logging", "fsdp"):
         if section in cfg:
             keys |= {f"{section}.{k}" for k in cfg[section]}
     return keys
@@ -265,14 +265,16 @@ def test_every_shipped_config_has_the_keys_of_its_recipe():
     from tunekit import _paths
     from tunekit.config.catalog import config_recipes
 
-    reference = {"lora_finetune_single_device": _shape(tunekit.config.load("tiny/lora")),
-                 "full_finetune_single_device": _shape(tunekit.config.load("tiny/full"))}
+    lora, full = _shape(tunekit.config.load("tiny/lora")), _shape(tunekit.config.load("tiny/full"))
+    # the distributed recipes read the same keys (plus fsdp.*, present in every config)
+    reference = {"lora_finetune_single_device": lora, "lora_finetune_distributed": lora,
+                 "full_finetune_single_device": full, "full_finetune_distributed": full}
     checked = 0
     for path in sorted(_paths.configs_dir().rglob("*.yaml")):
         for recipe in set(config_recipes(path)) & set(reference):
             assert _shape(tunekit.config.load(path)) == reference[recipe], path
             checked += 1
-    assert checked >= 20
+    assert checked >= 40
 
 
 def test_full_finetune_bf16_resume_is_exact(tiny_run, tmp_path, monkeypatch):
