@@ -8,6 +8,7 @@ import math
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -80,10 +81,12 @@ class MetricLogger:
                              file=sys.stderr)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record ``metrics`` (plain numbers) for optimizer step ``step``."""
+        """Record ``metrics`` (plain numbers) for optimizer step ``step``. The jsonl row also gets
+        ``time`` (Unix seconds when logged): differences between rows are wall-clock step times,
+        data loading and evaluation included (benchmarks/bench_train.py reads them)."""
         record = {"step": step, **{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v)
                                    for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in record.items():
