@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
+from itertools import accumulate
 from pathlib import Path
 
 import sentencepiece as spm
@@ -10,6 +11,37 @@ from sentencepiece import sentencepiece_model_pb2
 
 from tunekit.data.tokenizers.base import BaseTokenizer
 from tunekit.data.tokenizers.chat_formats import ChatFormat
+
+
+def _piece_byte_lengths(proto) -> list[int] | None:
+    """UTF-8 length in the input text of every piece, or None when the model's normalizer
+    rewrites text (then piece lengths say nothing about input offsets).
+
+    With an identity normalizer a piece is the input with spaces written as "▁" (byte pieces
+    ``<0xAB>`` are one byte, control pieces none), so token offsets are a running sum of these
+    lengths instead of sentencepiece's proto output, which is twice as slow to produce.
+    """
+    spec = proto.normalizer_spec
+    if (spec.precompiled_charsmap or spec.remove_extra_whitespaces
+            or proto.trainer_spec.treat_whitespace_as_suffix):
+        return None
+    piece = type(proto.pieces[0]) if proto.pieces else None
+    lengths = []
+    for p in proto.pieces:
+        if p.type == piece.BYTE:
+            lengths.append(1)
+        elif p.type in (piece.NORMAL, piece.USER_DEFINED):
+            lengths.append(len(p.piece.replace("\u2581", " ").encode("utf-8")))
+        else:  # control pieces; unknown pieces are caught by the caller
+            lengths.append(0)
+    return lengths
+
+
+def _proto_cut(sp: spm.SentencePieceProcessor, text: str, byte_cuts: list[int]
+               ) -> tuple[list[int], list[int]]:
+    pieces = sp.encode(text, return_type="proto").pieces
+    begins = [p.begin for p in pieces]  # UTF-8 byte offsets into text
+    return [p.id for p in pieces], [bisect_left(begins, c) for c in byte_cuts]
 
 
 class SentencePieceTokenizer(BaseTokenizer):
@@ -41,6 +73,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         except Exception as e:  # protobuf and sentencepiece raise assorted types
             raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
         self._dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+        self._piece_len = _piece_byte_lengths(proto)
         proto.normalizer_spec.add_dummy_prefix = False
         self._sp_inner = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         sp = self._sp
@@ -75,20 +108,27 @@ class SentencePieceTokenizer(BaseTokenizer):
                          vocab_size=max([sp.get_piece_size() - 1, *tokens.values()]) + 1,
                          chat_format=chat_format, max_seq_len=max_seq_len)
 
-    def _processor(self, text: str, at_start: bool) -> spm.SentencePieceProcessor:
+    def _prefixed(self, text: str, at_start: bool) -> bool:
         # HF's Metaspace prepends "▁" only when the text does not already start with a space.
-        prefixed = (at_start or self._legacy) and not text.startswith(" ")
-        return self._sp if prefixed else self._sp_inner
+        return (at_start or self._legacy) and not text.startswith(" ")
 
     def _encode_chunk(self, text, at_start):
-        return self._processor(text, at_start).encode(text)
+        return (self._sp if self._prefixed(text, at_start) else self._sp_inner).encode(text)
 
     def _encode_chunk_cut(self, text, at_start, cuts):
-        pieces = self._processor(text, at_start).encode(text, return_type="proto").pieces
-        byte_starts = [p.begin for p in pieces]  # UTF-8 byte offsets into text
+        prefixed = self._prefixed(text, at_start)
+        sp = self._sp if prefixed else self._sp_inner
         if not text.isascii():
-            cuts = [len(text[:c].encode("utf-8")) for c in cuts]
-        return [p.id for p in pieces], [bisect_left(byte_starts, c) for c in cuts]
+            cuts = [len(text[:c].encode("utf-8")) for c in cuts]  # in UTF-8 bytes from here on
+        if self._piece_len is None or "\u2581" in text:
+            return _proto_cut(sp, text, cuts)
+        ids = sp.encode(text)
+        if self._sp.unk_id() in ids:  # an unknown piece stands for text of unknown length
+            return _proto_cut(sp, text, cuts)
+        byte_starts = list(accumulate(map(self._piece_len.__getitem__, ids), initial=0))
+        # The dummy prefix "▁" counts one byte that is not in text: shift the cuts past it.
+        shift = int(prefixed and self._dummy_prefix)
+        return ids, [bisect_left(byte_starts, c + shift, 0, len(ids)) for c in cuts]
 
     def _decode_chunk(self, ids, at_start):
         return (self._sp if at_start else self._sp_inner).decode(ids)
