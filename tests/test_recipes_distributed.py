@@ -6,12 +6,13 @@ Launches are started together and overlap (each is mostly process start-up); the
 output folders: loss curves, HF / PEFT checkpoints, resume from the sharded state with 2 -> 2,
 2 -> 1 and 1 -> 2 processes, and a two-"node" c10d rendezvous (QLoRA)."""
 
-import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -42,14 +43,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(torchrun_args, recipe, config, args, log_path):
-    """`tunekit run <torchrun_args> <recipe> --config <config> <args>` in the background, output to a file."""
+def launch(torchrun_args, recipe, config, args, log_path, new_session=False):
+    """`tunekit run <torchrun_args> <recipe> --config <config> <args>` in the background, output to
+    a file; ``new_session``: in its own process group, as a terminal's foreground job."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "tunekit.cli.main", "run", *torchrun_args, recipe, "--config", config, *args]
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
 
 
 def wait(procs):
@@ -135,12 +137,27 @@ def runs(tiny_run, qlora_model, tmp_path_factory):
                 root / "r21.log"), root / "r21.log"),
     ]
     wait(procs)
-    # wave 3: resume the step_3 written by 1 process on 2 processes
+    # wave 3: resume the step_3 written by 1 process on 2 processes; meanwhile a long run gets a
+    # Ctrl-C (SIGINT to its whole process group, as a terminal sends it)
     copy_checkpoint(r["lora_2to1"], 3, r["lora_1to2"])
-    wait([(launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
-                  overrides(ckpt, data, r["lora_1to2"], *LORA, "batch_size=1", "resume=true"), root / "r12.log"),
-           root / "r12.log")])
+    resumed = launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
+                     overrides(ckpt, data, r["lora_1to2"], *LORA, "batch_size=1", "resume=true"), root / "r12.log")
+    r["ctrl_c"] = root / "ctrl_c"
+    long_run = launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
+                      overrides(ckpt, data, r["ctrl_c"], *LORA, "batch_size=1", "max_steps=1000", "save_every_n_steps=1000",
+                                "eval_every_n_steps=1000"), root / "ctrl_c.log", new_session=True)
+    metrics = r["ctrl_c"] / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while long_run.poll() is None and time.monotonic() < deadline and len(read_lines(metrics)) < 2:
+        time.sleep(0.2)
+    os.killpg(long_run.pid, signal.SIGINT)
+    long_run.wait(timeout=LAUNCH_TIMEOUT)
+    wait([(resumed, root / "r12.log")])
     return r
+
+
+def read_lines(path):
+    return path.read_text().splitlines() if path.is_file() else []
 
 
 def losses(run):
@@ -236,3 +253,13 @@ def test_two_node_rendezvous_trains_qlora_together(runs):
     assert sum("2 processes" in log for log in logs) == 1  # global rank 0 is on one of the nodes
     assert_curves_match(runs["qlora_nodes"], runs["ref_qlora"])
     assert PeftConfig.from_pretrained(runs["qlora_nodes"] / "step_3" / "adapter").r == 16
+
+
+def test_ctrl_c_stops_every_rank_after_a_saved_step(runs):
+    """Ctrl-C under torchrun: every rank finishes the step, the checkpoint is saved, all exit."""
+    log = (runs["ctrl_c"].parent / "ctrl_c.log").read_text()
+    assert "stopped at step" in log, log[-3000:]
+    saved = [p.name for p in runs["ctrl_c"].iterdir() if p.name.startswith("step_")]
+    last = read_metrics(runs["ctrl_c"])[-1]["step"]
+    assert saved == [f"step_{last}"] and last < 1000
+    assert (runs["ctrl_c"] / f"step_{last}" / "recipe_state" / ".metadata").is_file()

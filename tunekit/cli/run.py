@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -99,4 +100,10 @@ def run(args: argparse.Namespace) -> int:
     if not torchrun_opts:
         return _run_in_process(recipe, recipe_argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_opts, str(recipe), *recipe_argv]
-    return subprocess.run(cmd).returncode
+    # Ctrl-C reaches torchrun and the ranks directly (same terminal process group): they finish
+    # the step and save. This process only waits for them instead of killing torchrun.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return subprocess.run(cmd).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
+
+_SAME_PRESS_SECONDS = 1.0
 
 
 class StopFlag:
@@ -20,15 +23,24 @@ def stop_on_sigint(message: str = "Ctrl-C: saving a checkpoint after this step; 
                    ) -> Iterator[StopFlag]:
     """Within the context the first Ctrl-C only sets the returned flag (and prints ``message``);
     a second one raises KeyboardInterrupt as usual. Outside the main thread (where signal
-    handlers cannot be installed) the flag simply never gets set."""
+    handlers cannot be installed) the flag simply never gets set.
+
+    A SIGINT within a second of the first counts as the same press: under torchrun the ranks get
+    the terminal's SIGINT and then the agent's forwarded copy (the agent then allows the ranks
+    30 s to finish the step, save and exit)."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
+    first_at = []
+
     def handler(signum, frame):
         if flag.is_set:
+            if time.monotonic() - first_at[0] < _SAME_PRESS_SECONDS:
+                return
             raise KeyboardInterrupt
+        first_at.append(time.monotonic())
         flag.is_set = True
         print(f"\n{message}", flush=True)
 
