@@ -5,7 +5,8 @@ then the folder is renamed to ``step_<N>``. A crash mid-save therefore leaves at
 folder (ignored and later removed), never a half ``step_<N>``, and the previous complete
 checkpoint stays as it was. ``recipe_state/state.pt`` holds what resume needs besides the
 weights (optimizer, lr scheduler, RNG, sampler position, step, epoch) as tensors and primitive
-containers only, loaded back with ``torch.load(weights_only=True)``.
+containers only, loaded back with ``torch.load(weights_only=True)`` (the distributed recipes put
+DCP shards there instead: ``tunekit.training.resume.save_sharded_training_state``).
 """
 
 from __future__ import annotations
