@@ -264,3 +264,24 @@ def test_rank_zero_logging_and_local_device(caplog, monkeypatch):
     assert "from rank zero" in caplog.text
     monkeypatch.delenv("LOCAL_RANK")
     assert local_device("cuda:2") == torch.device("cuda", 2)
+
+
+def test_sampler_position_converts_to_another_process_count():
+    from tunekit.training.sampler import ResumableSampler
+
+    order = list(ResumableSampler(20, seed=4))  # one process: the epoch's order
+    two = [ResumableSampler(20, rank=r, world_size=2, seed=4) for r in range(2)]
+    for s in two:
+        it = iter(s)
+        [next(it) for _ in range(3)]  # each rank consumed 3: the first 6 examples of the order
+    state = two[0].state_dict()
+    one = ResumableSampler(20, seed=4)
+    one.load_state_dict(state)
+    assert list(one) == order[6:]
+    three = [ResumableSampler(20, rank=r, world_size=3, seed=4) for r in range(3)]
+    for s in three:
+        s.load_state_dict(state)
+    resumed = [i for group in zip(*(list(s) for s in three)) for i in group]
+    assert resumed[:14] == order[6:]  # (then wrap-around padding for the uneven last round)
+    with pytest.raises(ValueError, match="do not split over 4 processes"):
+        ResumableSampler(20, rank=0, world_size=4, seed=4).load_state_dict(state)
