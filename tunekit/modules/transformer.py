@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunekit.modules.attention import Attention
+from tunekit.training.losses import chunked_cross_entropy, linear_cross_entropy
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -39,7 +40,12 @@ class TransformerDecoder(nn.Module):
 
     Forward: ``tokens: Long[b, s]``, ``mask: Bool[b, s, s]`` or None (causal), ``input_pos: Long[b, s]``
     or None (``arange(s)``; per-document positions for packed rows; KV-cache write positions)
-    -> logits ``[b, s, vocab]`` in the parameter dtype.
+    -> logits ``[b, s, vocab]`` in the parameter dtype. With ``labels: Long[b, s]`` (already
+    shifted, -100 = no loss) it returns instead the SUM of the token cross-entropies (fp32
+    scalar), computed with the output projection chunk by chunk
+    (:func:`tunekit.training.losses.linear_cross_entropy`) so the logits are never materialised:
+    much less memory and a faster step than logits + a loss. Calling it inside ``forward`` keeps
+    wrappers such as FSDP2, which gather the output weight for ``forward``, working.
     """
 
     def __init__(self, *, tok_embeddings: nn.Module, layers: Iterable[nn.Module], norm: nn.Module,
@@ -76,11 +82,20 @@ class TransformerDecoder(nn.Module):
         return any(isinstance(m, Attention) and m.kv_cache is not None for m in self.modules())
 
     def forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
         h = self.norm(h)
+        if labels is not None:
+            return self._loss_sum(h, labels)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
+
+    def _loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.output is None:
+            return linear_cross_entropy(h, self.tok_embeddings.weight, labels)
+        if type(self.output) is nn.Linear and self.output.bias is None:
+            return linear_cross_entropy(h, self.output.weight, labels)
+        return chunked_cross_entropy(self.output(h), labels)  # e.g. a LoRA-adapted output projection

@@ -1,7 +1,9 @@
 """Cross-entropy for causal LM training, computed chunk by chunk in fp32.
 
-Both functions return the SUM of token losses over labels != -100; the recipe divides by the
-number of such labels across all accumulated micro-batches (and ranks), the Batch contract of
+``linear_cross_entropy`` (the output projection fused with the loss; what
+``TransformerDecoder(..., labels=...)`` uses) is the fast path; ``chunked_cross_entropy`` takes
+ready logits from any model. Both return the SUM of token losses over labels != -100; the
+recipe divides by the number of such labels across all accumulated micro-batches (and ranks), the Batch contract of
 docs/design.md. Summing instead of averaging per micro-batch is what makes gradient
 accumulation of 4 x 1 equal a batch of 4.
 """
@@ -37,32 +39,82 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_chunks
     return total
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_chunks: int = 8,
-                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Sum of token cross-entropies of ``hidden @ weight.T`` without materialising full logits.
+# Rows of hidden states projected at once by linear_cross_entropy: a chunk's fp32 logits are
+# about LOGIT_CHUNK_ELEMENTS * 4 bytes (32 MiB), which stays in a server CPU's L3 cache and is
+# the matmul shape that runs fastest on the 2-core bench machine (docs/benchmarks.md).
+LOGIT_CHUNK_ELEMENTS = 2**23
 
-    Only the positions with a label are projected, one chunk at a time, and each chunk's fp32
-    logits are recomputed in backward (checkpointed) instead of being kept alive: peak memory
-    is one chunk's [tokens, vocab] instead of [b, s, vocab].
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         num_chunks: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum of token cross-entropies of ``hidden @ weight.T`` without materialising the logits.
+
+    Only positions with a label are projected, a chunk of rows at a time; each chunk's logits
+    (in the weight dtype, as a plain ``nn.Linear`` would give) go through an fp32 log-softmax,
+    and while the chunk is in cache its gradient (softmax - one-hot) is turned into the
+    gradient of ``hidden`` at once, so neither [b, s, vocab] logits nor their fp32 copies are
+    ever held. For a trainable ``weight`` the chunks' logit gradients are kept (in the weight
+    dtype, like the gradient of full logits would be) for one weight-gradient matmul in backward.
 
     Args:
-        hidden: [b, s, dim], the final-norm output.
+        hidden: [b, s, dim] (or [n, dim]), the final-norm output.
         weight: [vocab, dim], the output projection (or the tied token embedding).
-        labels: [b, s], already shifted.
+        labels: [b, s] (or [n]), already shifted; ``ignore_index`` marks positions without a loss.
+        num_chunks: pieces the labelled rows are cut into (default: chunks of about 2^23 logits).
     Returns a float32 scalar.
     """
-    keep = labels.reshape(-1) != ignore_index
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    y = labels.reshape(-1)[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for h_chunk, y_chunk in zip(h.chunk(num_chunks), y.chunk(num_chunks)):
-        total = total + torch.utils.checkpoint.checkpoint(_project_and_ce, h_chunk, weight, y_chunk,
-                                                          use_reentrant=False)
-    return total
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"linear_cross_entropy: hidden {list(hidden.shape)} does not match labels {list(labels.shape)}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = y != ignore_index
+    if not bool(keep.all()):
+        index = keep.nonzero().squeeze(1)
+        h, y = h.index_select(0, index), y.index_select(0, index)
+    if num_chunks is not None:
+        rows = max(1, -(-h.shape[0] // num_chunks))
+    else:
+        rows = max(1, LOGIT_CHUNK_ELEMENTS // weight.shape[0])
+    grad_enabled = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(h, weight, y, rows, grad_enabled and h.requires_grad,
+                                     grad_enabled and weight.requires_grad)
 
 
-def _project_and_ce(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ weight.t()).float(), y, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """hidden [n, d], weight [V, d], labels [n] (all valid) -> summed cross-entropy (fp32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows, need_hidden_grad, need_weight_grad):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0]) if need_weight_grad else None
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], labels[start:start + rows]
+            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)
+            total -= logp.gather(1, y[:, None]).sum()
+            if not (need_hidden_grad or need_weight_grad):
+                continue
+            probs = logp.exp_()  # d(-log p_y)/d logits = softmax - one_hot(y)
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0
+            if grad_logits is not None:
+                g = grad_logits[start:start + rows]
+                g.copy_(probs)
+            else:
+                g = probs.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(g, weight, out=grad_hidden[start:start + rows])
+        ctx.save_for_backward(grad_hidden, grad_logits, hidden if need_weight_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_logits, hidden = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        grad_weight = None
+        if grad_logits is not None:
+            grad_weight = (grad_logits.t() @ hidden) * grad_output.to(grad_logits.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def count_label_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from tunekit.modules.transformer import TransformerDecoder
 from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.distributed import global_token_count, no_grad_sync, sum_over_ranks
 from tunekit.training.losses import chunked_cross_entropy, count_label_tokens
@@ -26,9 +27,15 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, loss_chunks: int) -> torch.Tensor:
-    """Summed token cross-entropy of one batch (tokens/labels [b, s], optional mask/input_pos)."""
-    logits = model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
-    return chunked_cross_entropy(logits, batch["labels"], num_chunks=loss_chunks)
+    """Summed token cross-entropy of one batch (tokens/labels [b, s], optional mask/input_pos).
+
+    A ``TransformerDecoder`` computes it inside its forward with the output projection fused
+    into the loss (no [b, s, vocab] logits); any other model returns logits, and the loss is
+    taken in ``loss_chunks`` pieces."""
+    inputs = {"mask": batch.get("mask"), "input_pos": batch.get("input_pos")}
+    if isinstance(model, TransformerDecoder):
+        return model(batch["tokens"], labels=batch["labels"], **inputs)
+    return chunked_cross_entropy(model(batch["tokens"], **inputs), batch["labels"], num_chunks=loss_chunks)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,

@@ -133,6 +133,13 @@ class LoRALinear(nn.Module):
         else:
             base_out = F.linear(x, self.weight)
         dropped = self.dropout(x)
+        if not self.use_dora:
+            # s * B(A x) added inside the B matmul (addmm's beta=1), with s applied to the rank-r
+            # tensor: no separate scale and add passes over the [..., out] output.
+            hidden = self.lora_a(dropped) * self.scaling
+            out = torch.addmm(base_out.reshape(-1, self.out_features), hidden.reshape(-1, self.rank),
+                              self.lora_b.weight.t()).view(base_out.shape)
+            return out if self.bias is None else out + self.bias
         lora_out = self.lora_b(self.lora_a(dropped))
         if self.use_dora:
             scale = self.dora_scale(x.dtype)

@@ -1,0 +1,92 @@
+"""The fused output-projection + cross-entropy path (TransformerDecoder(..., labels=...),
+linear_cross_entropy) against a float64 reference; the synthetic benchmark dataset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunekit.data.synthetic import random_token_dataset
+from tunekit.models import decoder_lm
+from tunekit.modules.peft import apply_lora
+from tunekit.training.losses import linear_cross_entropy
+from tunekit.training.train_step import batch_loss_sum
+
+torch.set_num_threads(1)
+
+
+def _model(tied: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    return decoder_lm(vocab_size=50, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64,
+                      max_seq_len=16, tie_word_embeddings=tied)
+
+
+def _labels(b, s, vocab, g):
+    labels = torch.randint(vocab, (b, s), generator=g)
+    labels[0, :3] = -100  # prompt tokens
+    labels[1, -2:] = -100  # padding
+    return labels
+
+
+def _reference_loss_and_grads(model, tokens, labels):
+    """float64 copy of the model: logits -> cross-entropy summed over labelled tokens."""
+    ref = _model(model.tied).double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    loss = F.cross_entropy(ref(tokens).flatten(0, 1), labels.flatten(), reduction="sum")
+    loss.backward()
+    return loss, {n: p.grad for n, p in ref.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decoder_with_labels_returns_the_summed_loss_and_its_gradients(tied):
+    g = torch.Generator().manual_seed(0)
+    model = _model(tied)
+    tokens, labels = torch.randint(50, (2, 9), generator=g), _labels(2, 9, 50, g)
+    loss = model(tokens, labels=labels)
+    loss.backward()
+    ref_loss, ref_grads = _reference_loss_and_grads(model, tokens, labels)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        torch.testing.assert_close(model(tokens, labels=labels), loss.detach())
+
+
+def test_decoder_with_lora_on_the_output_falls_back_to_logits():
+    g = torch.Generator().manual_seed(1)
+    model = apply_lora(_model(False), ["q_proj", "output"], rank=2, alpha=4)
+    torch.nn.init.normal_(model.output.lora_b.weight)
+    tokens, labels = torch.randint(50, (2, 9), generator=g), _labels(2, 9, 50, g)
+    expected = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="sum")
+    torch.testing.assert_close(model(tokens, labels=labels), expected)
+    torch.testing.assert_close(batch_loss_sum(model, {"tokens": tokens, "labels": labels}, loss_chunks=3), expected)
+
+
+def test_linear_cross_entropy_bf16_matches_the_unfused_bf16_path():
+    """Same logits (bf16 matmul) and fp32 log-softmax as logits + chunked CE; gradients within
+    bf16 rounding of the unfused path's."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 40, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(300, 16, generator=g).bfloat16().requires_grad_()
+    labels = _labels(3, 40, 300, g)
+    loss = linear_cross_entropy(hidden, weight, labels, num_chunks=4) / 100
+    loss.backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2 @ w2.t()).float().flatten(0, 1), labels.flatten(), reduction="sum") / 100
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden.grad.float(), h2.grad.float(), rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(weight.grad.float(), w2.grad.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_random_token_dataset_rows_are_full_length_shifted_and_reproducible():
+    data = random_token_dataset(None, vocab_size=7, seq_len=5, num_samples=3, seed=1)
+    batch = data.collate([data[0], data[2]])
+    assert batch["tokens"].shape == batch["labels"].shape == (2, 5)
+    assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])  # labels = next tokens
+    assert 0 <= int(batch["tokens"].min()) and int(batch["tokens"].max()) < 7
+    assert torch.equal(data[2]["tokens"], random_token_dataset(vocab_size=7, seq_len=5, num_samples=3, seed=1)[2]["tokens"])
+    assert not torch.equal(data[0]["tokens"], data[1]["tokens"])
+    with pytest.raises(ValueError, match="seq_len"):
+        random_token_dataset(vocab_size=7, seq_len=0, num_samples=3)
