@@ -85,6 +85,8 @@ def main(cfg) -> None:
     model.eval()
     tokenizer = instantiate(cfg.tokenizer)
     dataset = instantiate(cfg.dataset, tokenizer)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset: {cfg.dataset.source} holds no examples")
 
     start = time.perf_counter()
     loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=0)
