@@ -27,9 +27,10 @@ growing), so a token is about as long as with a real 32k-128k vocabulary on Engl
 forked processes). The shipped configs use the default ``num_workers=1``, so the workers=1 numbers
 are what a recipe gets out of the box.
 
-Each run prints its tokens/s and the CPU use of other processes during the run (from /proc/stat,
-in cores: 0 = the machine was ours, 2 = two other cores' worth of work competed with us); the
-summary gives the median of the runs. The last line is one JSON object with every number.
+Each run prints its wall-clock tokens/s, its own CPU time, and the CPU use of other processes
+during the run (from /proc/stat, in cores: 0 = the machine was ours, 2 = two other cores' worth of
+work competed with us); the summary gives the median of the runs. The last line is one JSON object
+with every number.
 """
 
 from __future__ import annotations
@@ -216,6 +217,11 @@ class CpuMeter:
         return self._end[0] - self._start[0]
 
     @property
+    def own_cpu(self) -> float:
+        """CPU seconds of this process and its finished children (forked workers) in the block."""
+        return self._end[1] - self._start[1]
+
+    @property
     def outside_cores(self) -> float | None:
         """Average number of cores kept busy by other processes during the block."""
         if self._start[2] is None:
@@ -233,9 +239,11 @@ def run_pipeline(tokenizer, data: Path, seq_len: int, workers: int, repeats: int
             packed = chat_dataset(tokenizer, data, max_seq_len=seq_len, packed=True, num_workers=workers)
         n_tokens = len(packed.tokens)
         runs.append({"seconds": round(meter.wall, 3), "tokens_per_s": round(n_tokens / meter.wall),
+                     "cpu_seconds": round(meter.own_cpu, 3),
                      "outside_cores": None if meter.outside_cores is None else round(meter.outside_cores, 2)})
-        print(f"    run: {meter.wall:6.2f}s  {n_tokens / meter.wall / 1e6:.2f} M tokens/s  "
-              f"(other processes used {runs[-1]['outside_cores']} cores)", flush=True)
+        print(f"    run: {meter.wall:6.2f}s  {n_tokens / meter.wall / 1e6:.2f} M tokens/s  (our CPU time "
+              f"{meter.own_cpu:.2f}s = {n_tokens / meter.own_cpu / 1e6:.2f} M tokens per CPU-second; other "
+              f"processes kept {runs[-1]['outside_cores']} of {os.cpu_count()} cores busy)", flush=True)
     median = statistics.median(r["tokens_per_s"] for r in runs)
     print(f"  workers={workers}: {n_tokens:,} tokens, {packed.num_documents:,} documents -> {len(packed):,} "
           f"rows of {seq_len} (efficiency {100 * packed.efficiency:.1f}%): median {median / 1e6:.2f} M tokens/s")

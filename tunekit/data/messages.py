@@ -64,6 +64,16 @@ def _text(value: Any, field: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+# Which roles may follow a message of each role (None: the first message).
+_NEXT_ROLES = {
+    None: ("system", "user"),
+    "system": ("user",),
+    "user": ("assistant",),
+    "assistant": ("user", "tool"),
+    "tool": ("tool", "assistant"),
+}
+
+
 def validate_messages(messages: list[Message], field: str = "messages") -> list[Message]:
     """Check roles, contents and turn order of a conversation; return it unchanged.
 
@@ -83,13 +93,7 @@ def validate_messages(messages: list[Message], field: str = "messages") -> list[
         has_tool_calls = bool(msg.get("tool_calls"))
         _text(msg.get("content"), f"{where}.content",
               allow_empty=role == "assistant" and has_tool_calls)
-        allowed = {
-            None: ("system", "user"),
-            "system": ("user",),
-            "user": ("assistant",),
-            "assistant": ("user", "tool"),
-            "tool": ("tool", "assistant"),
-        }[previous]
+        allowed = _NEXT_ROLES[previous]
         if role not in allowed:
             after = f"after a {previous!r} message" if previous else "as the first message"
             raise DataError(f"role {role!r} cannot come {after}; expected {' or '.join(allowed)}",

@@ -86,11 +86,30 @@ class TiktokenTokenizer(BaseTokenizer):
         for token, rank in mergeable_ranks.items():
             self._token_len[rank] = len(token)
 
+        # Encodings of short chunks (role names, "\n\n", ...): every call into tiktoken costs
+        # about a microsecond however short the text, as much as BPE-encoding five tokens.
+        self._short_chunks: dict[str, list[int]] = {}
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        # tiktoken's core directly; its Python wrapper adds a frame and a try per call. Lone
+        # surrogates fail there, and the wrapper replaces them as tiktoken always does.
+        try:
+            return self._enc._core_bpe.encode_ordinary(text)
+        except (UnicodeEncodeError, AttributeError):
+            return self._enc.encode_ordinary(text)
+
     def _encode_chunk(self, text, at_start):
-        return self._enc.encode_ordinary(text)
+        if len(text) > 16:
+            return self._encode_ordinary(text)
+        ids = self._short_chunks.get(text)
+        if ids is None:
+            ids = self._encode_ordinary(text)
+            if len(self._short_chunks) < 65536:
+                self._short_chunks[text] = ids
+        return ids.copy()
 
     def _encode_chunk_cut(self, text, at_start, cuts):
-        ids = self._enc.encode_ordinary(text)
+        ids = self._encode_ordinary(text)
         byte_starts = list(accumulate(map(self._token_len.__getitem__, ids), initial=0))
         if not text.isascii():
             cuts = [len(text[:c].encode("utf-8")) for c in cuts]
