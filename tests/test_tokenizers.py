@@ -146,6 +146,41 @@ def test_llama3_tiktoken_matches_hf_conversion(llama3_files):
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.decode(ids) == "hi"
 
 
+def random_parts(rng: random.Random) -> list[tuple[str, bool]]:
+    """Chat-like parts (text, trained) cut at random characters, added tokens included."""
+    texts = CORPUS + ["\u2581x \u2581", "<s>", "</s>"]
+    return [(t[rng.randrange(len(t)):][:rng.randint(0, 30)], rng.random() < 0.5)
+            for t in rng.choices(texts, k=rng.randint(1, 8))]
+
+
+def test_chat_mask_from_tiktoken_offsets(llama3_files):
+    # The mask of tokenize_messages comes from per-chunk cuts; the reference is tiktoken's own
+    # per-token decode_with_offsets on the whole text (no added tokens: they are split apart).
+    root, _ = llama3_files
+    tok = llama3_tokenizer(root / "original" / "tokenizer.model")
+    rng = random.Random(0)
+    for _ in range(300):
+        parts = [(t.replace("<|", "<"), trained) for t, trained in random_parts(rng)]
+        text = "".join(t for t, _ in parts)
+        ids, mask = tok._encode_parts(parts)
+        assert ids == tok.encode(text, add_bos=False, add_eos=False)
+        trained = [f for t, f in parts for _ in t]
+        assert mask == [not trained[s] for s in tok._enc.decode_with_offsets(ids)[1]], parts
+
+
+def test_chat_mask_sentencepiece_fast_offsets_equal_proto_offsets(llama_sp):
+    # Piece byte lengths (identity normalizer) must give the masks of sentencepiece's own offsets.
+    rng = random.Random(1)
+    for legacy in (False, True):
+        fast = SentencePieceTokenizer(llama_sp / "tokenizer.model", legacy=legacy)
+        proto = SentencePieceTokenizer(llama_sp / "tokenizer.model", legacy=legacy)
+        proto._piece_len = None
+        assert fast._piece_len is not None
+        for _ in range(300):
+            parts = random_parts(rng)
+            assert fast._encode_parts(parts) == proto._encode_parts(parts), parts
+
+
 def test_tokenizer_json_uses_tiktoken_when_rank_consistent(qwen_json):
     path, hf = qwen_json
     tok = load_tokenizer_json(path, bos_token=None, eos_token="<|im_end|>")

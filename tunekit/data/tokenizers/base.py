@@ -1,8 +1,9 @@
 """What every tunekit tokenizer shares: encode/decode around special tokens and chat tokenization.
 
-A concrete tokenizer only supplies ``_encode_chunk`` (plain text -> ids and character offsets) and
-``_decode_chunk``; special tokens are split out here, the same way HF ``tokenizers`` splits added
-tokens before running the model, so ``encode`` of a rendered chat equals HF's ids.
+A concrete tokenizer only supplies ``_encode_chunk`` (plain text -> ids), ``_encode_chunk_cut``
+(the same, plus how many tokens start before given character offsets) and ``_decode_chunk``;
+special tokens are split out here, the same way HF ``tokenizers`` splits added tokens before
+running the model, so ``encode`` of a rendered chat equals HF's ids.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def _trie_pattern(words: Iterable[str]) -> str:
 class BaseTokenizer:
     """Shared half of the tokenizer contract (see docs/design.md, "Tokenizer contract").
 
-    Subclasses set the attributes below in ``__init__`` and implement ``_encode_chunk`` /
-    ``_decode_chunk``. ``added_tokens`` maps every string that is matched as one token wherever it
+    Subclasses set the attributes below in ``__init__`` and implement ``_encode_chunk``,
+    ``_encode_chunk_cut`` and ``_decode_chunk``. ``added_tokens`` maps every string that is matched as one token wherever it
     appears in text (special or not) to its id; ``special_ids`` are the ones ``decode`` drops when
     ``skip_special_tokens`` is set.
     """
@@ -60,9 +61,8 @@ class BaseTokenizer:
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self._normalize = normalize
-        # Splits text into [text, added token, text, added token, ..., text].
-        self._added_split = (re.compile(f"({_trie_pattern(self.added_tokens)})").split
-                             if self.added_tokens else lambda text: [text])
+        self._added_re = (re.compile(f"({_trie_pattern(self.added_tokens)})")
+                          if self.added_tokens else None)
         self.set_chat_format(chat_format)
 
     def set_chat_format(self, chat_format: ChatFormat | None) -> None:
@@ -73,6 +73,10 @@ class BaseTokenizer:
                                  (chat_format.stop_strings if chat_format else ())
                                  if t in self.added_tokens]
         self.stop_tokens = list(dict.fromkeys(stops))
+
+    def _added_split(self, text: str) -> list[str]:
+        """``[text, added token, text, added token, ..., text]`` (texts may be empty)."""
+        return self._added_re.split(text) if self._added_re is not None else [text]
 
     # -- to implement -------------------------------------------------------------------------
     def _encode_chunk(self, text: str, at_start: bool) -> list[int]:
