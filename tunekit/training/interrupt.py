@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -25,7 +26,7 @@ def stop_on_sigint(message: str = "Ctrl-C: saving a checkpoint after this step; 
     a second one raises KeyboardInterrupt as usual. Outside the main thread (where signal
     handlers cannot be installed) the flag simply never gets set.
 
-    A SIGINT within a second of the first counts as the same press: under torchrun the ranks get
+    Under torchrun a SIGINT within a second of the first counts as the same press: the ranks get
     the terminal's SIGINT and then the agent's forwarded copy (the agent then allows the ranks
     30 s to finish the step, save and exit)."""
     flag = StopFlag()
@@ -34,10 +35,11 @@ def stop_on_sigint(message: str = "Ctrl-C: saving a checkpoint after this step; 
         return
 
     first_at = []
+    same_press = _SAME_PRESS_SECONDS if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
 
     def handler(signum, frame):
         if flag.is_set:
-            if time.monotonic() - first_at[0] < _SAME_PRESS_SECONDS:
+            if time.monotonic() - first_at[0] < same_press:
                 return
             raise KeyboardInterrupt
         first_at.append(time.monotonic())
