@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"expected metric rows for steps 1..{args.steps}, got {[r['step'] for r in rows]}")
     tokens = BATCH * SEQ_LEN
     # wall-clock gap to the previous row; step 1 has none, so its in-step time is shown
-    seconds = [tokens / (rows[0]["tokens_per_second"] * args.nproc)]
+    seconds = [tokens / rows[0]["tokens_per_second"]]  # optimizer_step counts the tokens of all ranks
     seconds += [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
     print("step  seconds   loss")
     for r, s in zip(rows, seconds):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train  # noqa: E402  (the workload's constants and checkpoint writer)
 
 
-def build(kind: str, dtype: torch.dtype, checkpoint_dir: Path, activation_checkpointing: bool):
+def build(kind: str, dtype: torch.dtype, checkpoint_dir: Path, activation_checkpointing: bool, fused_adamw: bool):
     from tunekit.models import from_hf
     from tunekit.modules.peft import apply_lora
     from tunekit.training.activation_checkpointing import apply_activation_checkpointing
@@ -39,8 +39,21 @@ def build(kind: str, dtype: torch.dtype, checkpoint_dir: Path, activation_checkp
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=bench_train.LR[kind], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=bench_train.LR[kind], weight_decay=0.0, fused=fused_adamw or None)
     return model, trainable, optimizer
+
+
+def matmul_peak_cpu_time(dtype: torch.dtype, repeats: int = 10) -> float:
+    """Best FLOP per CPU-second of a 2048^3 matmul in ``dtype`` (process CPU time)."""
+    n = bench_train.MATMUL_N
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - start)
+    return 2 * n**3 / best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--loss-chunks", type=int, default=8)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (optimizer.fused=true in a config)")
     p.add_argument("--checkpoint-dir", default=None, help="reuse a bench checkpoint folder")
     args = p.parse_args(argv)
 
@@ -65,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_dir = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="tunekit_profile_"))
     if not (checkpoint_dir / "model.safetensors").is_file():
         bench_train.write_checkpoint(checkpoint_dir)
-    model, trainable, optimizer = build(args.kind, dtype, checkpoint_dir, args.activation_checkpointing)
+    model, trainable, optimizer = build(args.kind, dtype, checkpoint_dir, args.activation_checkpointing,
+                                       args.fused_adamw)
     scheduler = constant_with_warmup(optimizer, num_warmup_steps=0)
     data = RandomTokenDataset(vocab_size=bench_train.VOCAB, seq_len=bench_train.SEQ_LEN,
                               num_samples=bench_train.BATCH * (args.steps + args.warmup))
@@ -76,13 +91,22 @@ def main(argv: list[str] | None = None) -> int:
                                         loss_chunks=args.loss_chunks, max_grad_norm=1.0)
     for batch in batches[:args.warmup]:
         step(batch)
-    times = [time.perf_counter()]
+    wall, cpu = [time.perf_counter()], [time.process_time()]
     for batch in batches[args.warmup:]:
         step(batch)
-        times.append(time.perf_counter())
-    seconds = [b - a for a, b in zip(times, times[1:])]
-    print(f"unprofiled step: median {statistics.median(seconds):.3f} s over {len(seconds)} steps "
-          f"({[round(s, 3) for s in seconds]})")
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
+    seconds = [b - a for a, b in zip(wall, wall[1:])]
+    cpu_seconds = [b - a for a, b in zip(cpu, cpu[1:])]
+    print(f"unprofiled step: median {statistics.median(seconds):.3f} s wall, {statistics.median(cpu_seconds):.3f} s "
+          f"CPU over {len(seconds)} steps ({[round(s, 3) for s in seconds]})")
+    # CPU time is what the step costs this process whatever else runs on the machine; with one
+    # thread (no spinning thread pool) it gives an MFU that outside load barely moves.
+    peak_cpu = matmul_peak_cpu_time(dtype)
+    flops = bench_train.flops_per_token(args.kind) * bench_train.BATCH * bench_train.SEQ_LEN
+    print(f"CPU-time MFU: {100 * flops / statistics.median(cpu_seconds) / peak_cpu:.1f}% "
+          f"({flops / statistics.median(cpu_seconds) / 1e9:.1f} GFLOP per CPU-second; 2048^3 matmul "
+          f"{peak_cpu / 1e9:.1f} GFLOP per CPU-second){'' if args.threads == 1 else ' (meaningful with --threads 1)'}")
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         for batch in batches[args.warmup:]:
