@@ -39,9 +39,9 @@ class BaseTokenizer:
     """Shared half of the tokenizer contract (see docs/design.md, "Tokenizer contract").
 
     Subclasses set the attributes below in ``__init__`` and implement ``_encode_chunk``,
-    ``_encode_chunk_cut`` and ``_decode_chunk``. ``added_tokens`` maps every string that is matched as one token wherever it
-    appears in text (special or not) to its id; ``special_ids`` are the ones ``decode`` drops when
-    ``skip_special_tokens`` is set.
+    ``_encode_chunk_cut`` and ``_decode_chunk``. ``added_tokens`` maps every string that is
+    matched as one token wherever it appears in text (special or not) to its id;
+    ``special_ids`` are the ones ``decode`` drops when ``skip_special_tokens`` is set.
     """
 
     bos_id: int | None

@@ -5,8 +5,9 @@ listed first in ``merges``. Both give the same ids when (1) merge order follows 
 merged tokens and (2) every split of a vocabulary token into two vocabulary tokens is a listed
 merge (otherwise tiktoken could build a token from a pair HF never merges). ``load_tokenizer_json``
 checks both; when a file fails them it falls back to the ``tokenizers`` library itself (exact, also
-Rust; an optional dependency, asked for by name when missing), logging why. Normalizers and pre-tokenizers other than the ones below raise a ValueError
-instead of silently encoding differently.
+Rust; an optional dependency, asked for by name when missing), logging why. Normalizers and
+pre-tokenizers other than the ones below raise a ValueError instead of silently encoding
+differently.
 """
 
 from __future__ import annotations
