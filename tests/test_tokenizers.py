@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import random
@@ -27,7 +29,7 @@ from tunekit.data.tokenizers import (
     llama3_tokenizer,
     load_tokenizer_json,
 )
-from tunekit.data.tokenizers.base import _trie_pattern
+from tunekit.data.tokenizers.base import _trie_pattern, count_tokens_before
 from tunekit.data.tokenizers.hf_json import byte_decoder
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
@@ -151,6 +153,16 @@ def random_parts(rng: random.Random) -> list[tuple[str, bool]]:
     texts = CORPUS + ["\u2581x \u2581", "<s>", "</s>"]
     return [(t[rng.randrange(len(t)):][:rng.randint(0, 30)], rng.random() < 0.5)
             for t in rng.choices(texts, k=rng.randint(1, 8))]
+
+
+def test_count_tokens_before_equals_bisect_on_token_starts():
+    rng = random.Random(0)
+    for _ in range(2000):
+        lengths = [rng.randint(1, 4) for _ in range(rng.randint(1, 8))]
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        cuts = sorted(rng.sample(range(1, sum(lengths) + 3), k=3))
+        assert (count_tokens_before(itertools.accumulate(lengths[:-1]), cuts)
+                == [bisect.bisect_left(starts, c) for c in cuts])
 
 
 def test_chat_mask_from_tiktoken_offsets(llama3_files):

@@ -9,7 +9,7 @@ running the model, so ``encode`` of a rendered chat equals HF's ids.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from tunekit.data.tokenizers.chat_formats import ChatFormat, Message
 
@@ -33,6 +33,22 @@ def _trie_pattern(words: Iterable[str]) -> str:
         body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
         return f"(?:{body})?" if "" in node else body  # greedy: the longer word first
     return pattern(trie)
+
+
+def count_tokens_before(token_ends: Iterator[int], cuts: list[int]) -> list[int]:
+    """For each offset in ``cuts`` (increasing, > 0), the number of tokens that start before it.
+
+    ``token_ends``: running end offsets of every token but the last (token ``i`` starts where
+    token ``i - 1`` ends, token 0 at 0). Walks only as far as the last cut: in chat templates
+    that is usually a header a few tokens into the chunk.
+    """
+    counts: list[int] = []
+    k, end = 1, next(token_ends, None)
+    for cut in cuts:
+        while end is not None and end < cut:
+            k, end = k + 1, next(token_ends, None)
+        counts.append(k)
+    return counts
 
 
 class BaseTokenizer:

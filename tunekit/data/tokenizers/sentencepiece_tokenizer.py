@@ -9,7 +9,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from tunekit.data.tokenizers.base import BaseTokenizer
+from tunekit.data.tokenizers.base import BaseTokenizer, count_tokens_before
 from tunekit.data.tokenizers.chat_formats import ChatFormat
 
 
@@ -125,10 +125,10 @@ class SentencePieceTokenizer(BaseTokenizer):
         ids = sp.encode(text)
         if self._sp.unk_id() in ids:  # an unknown piece stands for text of unknown length
             return _proto_cut(sp, text, cuts)
-        byte_starts = list(accumulate(map(self._piece_len.__getitem__, ids), initial=0))
         # The dummy prefix "▁" counts one byte that is not in text: shift the cuts past it.
         shift = int(prefixed and self._dummy_prefix)
-        return ids, [bisect_left(byte_starts, c + shift, 0, len(ids)) for c in cuts]
+        ends = accumulate(map(self._piece_len.__getitem__, ids[:-1]))
+        return ids, count_tokens_before(ends, [c + shift for c in cuts])
 
     def _decode_chunk(self, ids, at_start):
         return (self._sp if at_start else self._sp_inner).decode(ids)

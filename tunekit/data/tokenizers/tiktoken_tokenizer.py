@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from bisect import bisect_left
 from collections.abc import Callable
 from itertools import accumulate
 from pathlib import Path
 
 import tiktoken
 
-from tunekit.data.tokenizers.base import BaseTokenizer
+from tunekit.data.tokenizers.base import BaseTokenizer, count_tokens_before
 from tunekit.data.tokenizers.chat_formats import ChatFormat
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -110,11 +109,10 @@ class TiktokenTokenizer(BaseTokenizer):
 
     def _encode_chunk_cut(self, text, at_start, cuts):
         ids = self._encode_ordinary(text)
-        byte_starts = list(accumulate(map(self._token_len.__getitem__, ids), initial=0))
         if not text.isascii():
             cuts = [len(text[:c].encode("utf-8")) for c in cuts]
         # A token whose first byte lies before the cut's first byte starts before the cut.
-        return ids, [bisect_left(byte_starts, c, 0, len(ids)) for c in cuts]
+        return ids, count_tokens_before(accumulate(map(self._token_len.__getitem__, ids[:-1])), cuts)
 
     def _decode_chunk(self, ids, at_start):
         return self._enc.decode(ids, errors="replace")
