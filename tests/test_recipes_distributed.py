@@ -137,13 +137,13 @@ def runs(tiny_run, qlora_model, tmp_path_factory):
                 root / "r21.log"), root / "r21.log"),
     ]
     wait(procs)
-    # wave 3: resume the step_3 written by 1 process on 2 processes; meanwhile a long run gets a
-    # Ctrl-C (SIGINT to its whole process group, as a terminal sends it)
+    # wave 3: resume the step_3 written by 1 process on 2 processes; meanwhile a long DoRA run gets
+    # a Ctrl-C (SIGINT to its whole process group, as a terminal sends it)
     copy_checkpoint(r["lora_2to1"], 3, r["lora_1to2"])
     resumed = launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
                      overrides(ckpt, data, r["lora_1to2"], *LORA, "batch_size=1", "resume=true"), root / "r12.log")
     r["ctrl_c"] = root / "ctrl_c"
-    long_run = launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
+    long_run = launch(two_procs(), "lora_finetune_distributed", "tiny/dora",
                       overrides(ckpt, data, r["ctrl_c"], *LORA, "batch_size=1", "max_steps=1000", "save_every_n_steps=1000",
                                 "eval_every_n_steps=1000"), root / "ctrl_c.log", new_session=True)
     metrics = r["ctrl_c"] / "logs" / "metrics.jsonl"
@@ -256,10 +256,13 @@ def test_two_node_rendezvous_trains_qlora_together(runs):
 
 
 def test_ctrl_c_stops_every_rank_after_a_saved_step(runs):
-    """Ctrl-C under torchrun: every rank finishes the step, the checkpoint is saved, all exit."""
+    """Ctrl-C under torchrun (DoRA): every rank finishes the step, the checkpoint is saved, all exit."""
+    from peft import PeftConfig
+
     log = (runs["ctrl_c"].parent / "ctrl_c.log").read_text()
     assert "stopped at step" in log, log[-3000:]
     saved = [p.name for p in runs["ctrl_c"].iterdir() if p.name.startswith("step_")]
     last = read_metrics(runs["ctrl_c"])[-1]["step"]
     assert saved == [f"step_{last}"] and last < 1000
     assert (runs["ctrl_c"] / f"step_{last}" / "recipe_state" / ".metadata").is_file()
+    assert PeftConfig.from_pretrained(runs["ctrl_c"] / f"step_{last}" / "adapter").use_dora
