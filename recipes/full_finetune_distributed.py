@@ -55,15 +55,18 @@ log = logging.getLogger("tunekit.recipes.full_finetune_distributed")
 
 
 def build_model(cfg, device: torch.device, dtype: torch.dtype, rank: int) -> nn.Module:
-    """The model of ``cfg`` with fp32 weights, sharded over all ranks: rank 0 loads the checkpoint,
-    the others build the architecture on the meta device and receive their shards."""
+    """The model of ``cfg``, sharded over all ranks with fp32 weights: rank 0 loads the checkpoint in
+    ``dtype``, the others build the architecture on the meta device and receive their shards; each
+    layer is upcast to fp32 just before it is sharded (rank 0 holds one copy in ``dtype``)."""
     if rank == 0:
-        model = instantiate(cfg.model, dtype=torch.float32, device="cpu")
+        model = instantiate(cfg.model, dtype=dtype, device="cpu")
     else:
-        model = base_architecture(cfg.checkpoint_dir, dtype=torch.float32)
+        model = base_architecture(cfg.checkpoint_dir, dtype=dtype)
     model.requires_grad_(True)
-    shard_from_rank0(model, device=device, mp_dtype=dtype if dtype != torch.float32 else None,
-                     reduce_dtype=torch.float32, reshard_after_forward=cfg.fsdp.reshard_after_forward,
+    mixed_precision = dtype != torch.float32
+    shard_from_rank0(model, device=device, before_shard=(lambda unit: unit.float()) if mixed_precision else None,
+                     mp_dtype=dtype if mixed_precision else None, reduce_dtype=torch.float32,
+                     reshard_after_forward=cfg.fsdp.reshard_after_forward,
                      activation_checkpointing=cfg.activation_checkpointing, cpu_offload=cfg.fsdp.cpu_offload)
     if cfg.compile:
         for layer in model.layers:
