@@ -9,7 +9,9 @@ running the model, so ``encode`` of a rendered chat equals HF's ids.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
 
 from tunekit.data.tokenizers.chat_formats import ChatFormat, Message
 
@@ -39,16 +41,13 @@ def count_tokens_before(token_ends: Iterator[int], cuts: list[int]) -> list[int]
     """For each offset in ``cuts`` (increasing, > 0), the number of tokens that start before it.
 
     ``token_ends``: running end offsets of every token but the last (token ``i`` starts where
-    token ``i - 1`` ends, token 0 at 0). Walks only as far as the last cut: in chat templates
-    that is usually a header a few tokens into the chunk.
+    token ``i - 1`` ends, token 0 at 0), consumed only as far as needed: in chat templates the
+    cut is often a header a few tokens into a long chunk.
     """
-    counts: list[int] = []
-    k, end = 1, next(token_ends, None)
-    for cut in cuts:
-        while end is not None and end < cut:
-            k, end = k + 1, next(token_ends, None)
-        counts.append(k)
-    return counts
+    ends = list(islice(token_ends, 16))
+    if len(ends) == 16 and ends[-1] < cuts[-1]:
+        ends += token_ends
+    return [bisect_left(ends, cut) + 1 for cut in cuts]
 
 
 class BaseTokenizer:
