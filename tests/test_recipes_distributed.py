@@ -26,7 +26,7 @@ COMMON = ("device=cpu", "dtype=fp32", "max_steps=4", "epochs=10", "eval_every_n_
           "metric_logging.tensorboard=false", "metric_logging.progress_bar=false")
 # global batch 4 per optimizer step: 2 ranks x 1 example x 2 micro-batches (single device: 2 x 2)
 LORA = ("optimizer.lr=1e-2", "gradient_accumulation_steps=2")
-FULL = ("optimizer.lr=3e-3", "fsdp.reshard_after_forward=false", "activation_checkpointing=true",
+FULL = ("optimizer.lr=3e-3", "fsdp.reshard_after_forward=true", "activation_checkpointing=true",
         "activation_offloading=true")
 QLORA = ("optimizer.lr=1e-2", "max_steps=3")
 
@@ -213,7 +213,7 @@ def test_lora_checkpoint_loads_in_transformers_and_peft(runs, tiny_run):
 
 def test_full_loss_curve_and_checkpoint(runs):
     """Full fine-tune with activation checkpointing, activation offloading and
-    reshard_after_forward=false: same curve as one device; the HF checkpoint loads in transformers."""
+    reshard_after_forward=true: same curve as one device; the HF checkpoint loads in transformers."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
