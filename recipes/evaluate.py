@@ -114,4 +114,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    main(tunekit.config.parse(sys.argv[1:]))
+    with tunekit.config.user_errors():
+        main(tunekit.config.parse(sys.argv[1:]))

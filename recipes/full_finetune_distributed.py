@@ -161,6 +161,7 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tunekit.config.parse(sys.argv[1:]))
+        with tunekit.config.user_errors():
+            main(tunekit.config.parse(sys.argv[1:]))
     finally:
         destroy_distributed()

@@ -296,3 +296,27 @@ def test_bad_interval_fails_at_start_with_the_key_name(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="config key max_steps must be a positive integer or null"):
         full_recipe.main(make_cfg("tiny/full", tiny_run, tmp_path, "max_steps=-1"))
     assert not tmp_path.joinpath("logs").exists()
+
+
+def test_user_mistakes_end_the_cli_run_with_one_line(tmp_path):
+    """Through `tunekit run`, a missing data file and an output_dir that already holds a run give
+    `tunekit: error: ...` naming the file / key and exit code 2, not a traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNEKIT_DEBUG": "0"}
+    base = [sys.executable, "-m", "tunekit.cli.main", "run", "lora_finetune_single_device", "--config", "tiny/lora",
+            "device=cpu", "metric_logging.progress_bar=false", "metric_logging.tensorboard=false"]
+    missing = tmp_path / "missing.jsonl"
+    r = subprocess.run([*base, f"output_dir={tmp_path / 'a'}", f"dataset.source={missing}"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert f"tunekit: error: {missing}: file not found" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    out = tmp_path / "b"
+    r = subprocess.run([*base, f"output_dir={out}", "max_steps=1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*base, f"output_dir={out}", "max_steps=1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"tunekit: error: output_dir={out} already holds checkpoints (newest: step_1); pass resume=true" in r.stderr

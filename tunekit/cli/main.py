@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from tunekit.cli.errors import UsageError
-from tunekit.config.errors import ConfigError, exit_on_user_error
+from tunekit.config.errors import USER_ERRORS, exit_on_user_error
 
 SUBCOMMANDS = ("ls", "cp", "cat", "validate", "run", "download", "data_check")
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tunekit`` with ``argv`` (default ``sys.argv[1:]``); exits with the subcommand's code."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    with exit_on_user_error(ConfigError, UsageError):
+    with exit_on_user_error(*USER_ERRORS, UsageError):
         code = args.func(args)
     sys.exit(code or 0)
 

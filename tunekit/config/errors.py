@@ -9,7 +9,16 @@ import sys
 from collections.abc import Iterable, Iterator
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake the user can fix (a config key, a data file, a path): the CLI and the recipes
+    report it as one ``tunekit: error: ...`` line instead of a traceback."""
+
+
+# FileNotFoundError: our loaders raise it with the path and what was expected there.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+
+
+class ConfigError(UserError):
     """One or more problems in a config, its overrides, or a recipe/config name.
 
     ``problems`` holds one line per problem; ``str(err)`` lists them all.
@@ -47,3 +56,9 @@ def exit_on_user_error(*error_types: type[BaseException]) -> Iterator[None]:
             raise
         print(f"tunekit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_errors() -> contextlib.AbstractContextManager[None]:
+    """``with user_errors(): main(cfg)``: every :class:`UserError` (bad config, bad data, a step
+    folder in the way) ends the run with one line and exit code 2, on every rank."""
+    return exit_on_user_error(*USER_ERRORS)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 
+from tunekit.config.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A row of a dataset is malformed.
 
     The message names where the problem is (``file:line`` or ``file record N``), the field and what

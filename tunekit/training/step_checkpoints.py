@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tunekit.config.errors import UserError
 from tunekit.training.distributed import barrier, broadcast_from_rank0, get_world_size_and_rank
 
 RECIPE_STATE_DIR = "recipe_state"
@@ -175,5 +176,5 @@ def checkpoint_to_resume(output_dir: str | os.PathLike, resume: bool) -> Path | 
     latest = find_latest_checkpoint(output_dir)
     if resume or latest is None:
         return latest
-    raise ValueError(f"output_dir={output_dir} already holds checkpoints (newest: {latest.name}); pass resume=true "
+    raise UserError(f"output_dir={output_dir} already holds checkpoints (newest: {latest.name}); pass resume=true "
                      "to continue that run, or choose another output_dir")
