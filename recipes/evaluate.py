@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 import tunekit.config
-from tunekit.config import instantiate
-from tunekit.generation import apply_adapter, find_model_dir, generate_ids
+from tunekit.config import ConfigError, instantiate
+from tunekit.generation import generate_ids, load_inference_model
 from tunekit.training.data_loaders import eval_loader
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.losses import count_label_tokens
@@ -44,12 +44,12 @@ def prompts_and_references(dataset, tokenizer) -> tuple[list[list[int]], list[st
     """Each conversation's prompt ids (every message but the last, plus the assistant generation
     prompt) and its reference answer (the last message, which must be the assistant's)."""
     if not hasattr(dataset, "transformed"):
-        raise ValueError("dataset: exact-match needs the conversations; use an unpacked dataset (dataset.packed=false)")
+        raise ConfigError("dataset: exact-match needs the conversations; use an unpacked dataset (dataset.packed=false)")
     prompts, references = [], []
     for i in range(len(dataset)):
         messages = dataset.transformed(i)
         if isinstance(messages, str) or messages[-1]["role"] != "assistant":
-            raise ValueError(f"{dataset.where(i)}: the last message must be the assistant's reference answer")
+            raise ConfigError(f"{dataset.where(i)}: the last message must be the assistant's reference answer")
         tokens, _ = tokenizer.tokenize_messages(messages[:-1], add_generation_prompt=True)
         prompts.append(tokens)
         references.append(messages[-1]["content"])
@@ -76,17 +76,12 @@ def main(cfg) -> None:
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
 
-    model_dir = find_model_dir(cfg.checkpoint_dir)
-    cfg.checkpoint_dir = str(model_dir)  # model and tokenizer interpolate ${checkpoint_dir}
-    log.info(f"model: {model_dir}" + (f" + adapter {cfg.adapter_dir}" if cfg.adapter_dir is not None else ""))
-    model = instantiate(cfg.model, dtype=dtype, device=device)
-    if cfg.adapter_dir is not None:
-        apply_adapter(model, cfg.adapter_dir, model_dir)
-    model.eval()
+    model = load_inference_model(cfg, device=device, dtype=dtype)  # sets cfg.checkpoint_dir to the model folder
+    log.info(f"model: {cfg.checkpoint_dir}" + (f" + adapter {cfg.adapter_dir}" if cfg.adapter_dir is not None else ""))
     tokenizer = instantiate(cfg.tokenizer)
     dataset = instantiate(cfg.dataset, tokenizer)
     if len(dataset) == 0:
-        raise ValueError(f"dataset: {cfg.dataset.source} holds no examples")
+        raise ConfigError(f"dataset: {cfg.dataset.source} holds no examples")
 
     start = time.perf_counter()
     loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=0)
@@ -98,7 +93,7 @@ def main(cfg) -> None:
     correct = [a.strip() == r.strip() for a, r in zip(answers, references)]
     seconds = time.perf_counter() - start
 
-    results = {"model": str(model_dir), "adapter": cfg.adapter_dir, "num_examples": len(references),
+    results = {"model": cfg.checkpoint_dir, "adapter": cfg.adapter_dir, "num_examples": len(references),
                "exact_match": sum(correct) / max(len(correct), 1), "num_correct": sum(correct),
                "perplexity": math.exp(loss), "loss": loss, "num_label_tokens": num_label_tokens,
                "max_new_tokens": cfg.max_new_tokens, "seconds": round(seconds, 3)}

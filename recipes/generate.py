@@ -19,8 +19,8 @@ import time
 import torch
 
 import tunekit.config
-from tunekit.config import instantiate
-from tunekit.generation import apply_adapter, check_sampling_args, find_model_dir, generate_ids
+from tunekit.config import ConfigError, instantiate
+from tunekit.generation import check_sampling_args, generate_ids, load_inference_model
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.recipe_checks import check_positive_ints
 
@@ -44,17 +44,13 @@ def main(cfg) -> None:
     check_positive_ints(cfg, "max_new_tokens")
     check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p)
     if not isinstance(cfg.prompt, str) or not cfg.prompt:
-        raise ValueError(f"config key prompt must be a non-empty string, got {cfg.prompt!r}; quote it on the command "
+        raise ConfigError(f"config key prompt must be a non-empty string, got {cfg.prompt!r}; quote it on the command "
                          """line when it holds ': ' or is a number: 'prompt="Counting: one two"'""")
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
 
-    model_dir = find_model_dir(cfg.checkpoint_dir)
-    cfg.checkpoint_dir = str(model_dir)  # model and tokenizer interpolate ${checkpoint_dir}
-    log.info(f"model: {model_dir}" + (f" + adapter {cfg.adapter_dir}" if cfg.adapter_dir is not None else ""))
-    model = instantiate(cfg.model, dtype=dtype, device=device)
-    if cfg.adapter_dir is not None:
-        apply_adapter(model, cfg.adapter_dir, model_dir)
+    model = load_inference_model(cfg, device=device, dtype=dtype)  # sets cfg.checkpoint_dir to the model folder
+    log.info(f"model: {cfg.checkpoint_dir}" + (f" + adapter {cfg.adapter_dir}" if cfg.adapter_dir is not None else ""))
     tokenizer = instantiate(cfg.tokenizer)
 
     tokens = prompt_tokens(cfg, tokenizer)

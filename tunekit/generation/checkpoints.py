@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from tunekit.config import instantiate
+from tunekit.config.errors import ConfigError
 from tunekit.modules.peft import load_peft_adapter, merge_lora
 from tunekit.training.step_checkpoints import find_latest_checkpoint
 
@@ -35,7 +38,19 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike, model_dir: s
     """
     adapter, model_path = Path(adapter_dir).resolve(), Path(model_dir).resolve()
     if adapter.is_relative_to(model_path):
-        raise ValueError(f"adapter_dir={adapter_dir} lies inside the checkpoint {model_dir}, whose weights already "
+        raise ConfigError(f"adapter_dir={adapter_dir} lies inside the checkpoint {model_dir}, whose weights already "
                          "include this adapter (merged); set adapter_dir=null, or point checkpoint_dir at the base model")
     load_peft_adapter(model, adapter)
     return merge_lora(model)
+
+
+def load_inference_model(cfg, *, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model an inference recipe's config names, in eval mode: ``cfg.model`` built from
+    :func:`find_model_dir` of ``cfg.checkpoint_dir`` (which is set to that folder, so the model and
+    tokenizer nodes interpolating ``${checkpoint_dir}`` follow), plus ``cfg.adapter_dir`` merged."""
+    model_dir = find_model_dir(cfg.checkpoint_dir)
+    cfg.checkpoint_dir = str(model_dir)
+    model = instantiate(cfg.model, dtype=dtype, device=device)
+    if cfg.adapter_dir is not None:
+        apply_adapter(model, cfg.adapter_dir, model_dir)
+    return model.eval()

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from tunekit.config.errors import ConfigError
+
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the bad argument (``temperature >= 0``, ``top_k >= 1``,
     ``0 < top_p <= 1``; None switches a filter off)."""
     if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or null, got {top_k!r}")
+        raise ConfigError(f"top_k must be a positive integer or null, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or null, got {top_p!r}")
+        raise ConfigError(f"top_p must be in (0, 1] or null, got {top_p!r}")
 
 
 def next_token_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
