@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tunekit`` with ``argv`` (default ``sys.argv[1:]``); exits with the subcommand's code."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     with exit_on_user_error(*USER_ERRORS, UsageError):
-        code = args.func(args)
+        try:
+            code = args.func(args)
+        except BrokenPipeError:  # `tunekit ls | head`: the reader stopped early, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            code = 0
     sys.exit(code or 0)
 
 
