@@ -4,7 +4,6 @@ resharding 1 -> 2 and 2 -> 1 processes, two-"node" c10d rendezvous, and in-proce
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +31,12 @@ ASSETS = Path(__file__).parent / "assets" / "distributed"
 sys.path.insert(0, str(ASSETS))
 from tiny_decoder import TinyDecoder, global_micro_batches, token_loss_sum  # noqa: E402
 
+from free_port import free_port  # noqa: E402
+
 SCRIPT = ASSETS / "train_check.py"
 LAUNCH_TIMEOUT = 150
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -63,7 +60,7 @@ def two_nodes(tmp_path_factory):
     """Two torchrun launches (``--nnodes 2 --nproc_per_node 1``, c10d rendezvous on 127.0.0.1),
     started early so their start-up overlaps the 2-process launch below."""
     root = tmp_path_factory.mktemp("nodes")
-    port = _free_port()
+    port = free_port()
     procs = []
     for node_rank in (0, 1):
         out = root / f"node{node_rank}"
@@ -104,7 +101,7 @@ def launch(tmp_path_factory, two_nodes):
     out = root / "two_process"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(SCRIPT), "--out", str(out), "--load-from", str(one)]
+           str(free_port()), str(SCRIPT), "--out", str(out), "--load-from", str(one)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=LAUNCH_TIMEOUT)
     _check(proc, proc.stdout, proc.stderr)
     return out

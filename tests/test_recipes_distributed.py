@@ -9,7 +9,6 @@ output folders: loss curves, HF / PEFT checkpoints, resume from the sharded stat
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import tunekit.config
+from free_port import free_port
 from test_recipes_single_device import load_recipe, read_metrics, tiny_run  # noqa: F401  (fixture)
 
 LAUNCH_TIMEOUT = 240
@@ -37,10 +37,6 @@ def overrides(model_dir, data_dir, out, *extra):
             *COMMON, *extra]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(torchrun_args, recipe, config, args, log_path, new_session=False):
