@@ -34,6 +34,7 @@ from tunekit.training.device import get_device, get_dtype
 from tunekit.training.distributed import (
     any_rank,
     destroy_distributed,
+    exit_after_clean_run,
     gather_full_state_dict,
     init_distributed,
     local_device,
@@ -173,3 +174,4 @@ if __name__ == "__main__":
             main(tunekit.config.parse(sys.argv[1:]))
     finally:
         destroy_distributed()
+    exit_after_clean_run()  # skips a rare gloo abort in interpreter finalization (see its docstring)

@@ -15,6 +15,7 @@ from tiny_decoder import TinyDecoder, global_micro_batches, token_loss_sum
 from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.train_step import clip_gradients
 from tunekit.training.distributed import (
+    exit_after_clean_run,
     gather_full_state_dict,
     global_token_count,
     init_distributed,
@@ -231,3 +232,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_after_clean_run()

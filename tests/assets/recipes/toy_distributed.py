@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import tunekit.config
+from tunekit.training.distributed import exit_after_clean_run
 from toy_recipe import make_batch, train, write_result  # the folder of the recipe is on sys.path
 
 
@@ -36,3 +37,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     main(tunekit.config.parse(sys.argv[1:]))
+    exit_after_clean_run()
