@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                             max_seq_len=settings["max_seq_len"], text_split=settings["text_split"],
                             near_dup_threshold=args.near_dup_threshold)
     except (DataError, ValueError, ImportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"tunekit: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
     return 1 if report.bad_rows else 0
