@@ -38,7 +38,7 @@ from tunekit.training.step_checkpoints import (
     save_recipe_state,
     save_step_checkpoint,
 )
-from tunekit.training.train_step import accumulation_groups, optimizer_step
+from tunekit.training.train_step import optimizer_step, training_steps
 
 log = logging.getLogger("tunekit.recipes.full_finetune_single_device")
 
@@ -105,31 +105,24 @@ def main(cfg) -> None:
                           log_every=cfg.log_every_n_steps, **cfg.metric_logging)
     with stop_on_sigint() as stop, logger:
         model.train()
-        while step < total_steps:
-            sampler.set_epoch(epoch)
-            consumed = sampler.position
-            for micro_batches in accumulation_groups(loader, cfg.gradient_accumulation_steps):
-                metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
-                                         lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
-                                         max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
-                step += 1
-                consumed += sum(len(b["tokens"]) for b in micro_batches)
-                metrics["epoch"] = epoch
-                if step % cfg.eval_every_n_steps == 0 or step == total_steps:
-                    metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
-                                                max_batches=cfg.eval_max_batches))
-                logger.log(step, metrics)
-                if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set:
-                    state = training_state(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                           sampler=sampler, consumed=consumed)
-                    save_checkpoint(cfg, model, step, state)
-                if stop.is_set:
-                    log.info(f"stopped at step {step}; continue with resume=true")
-                    return
-                if step == total_steps:
-                    break
-            else:
-                epoch += 1
+        batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                 step=step, epoch=epoch, total_steps=total_steps)
+        for step, epoch, consumed, micro_batches in batches:
+            metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
+                                     lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
+                                     max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
+            metrics["epoch"] = epoch
+            if step % cfg.eval_every_n_steps == 0 or step == total_steps:
+                metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
+                                            max_batches=cfg.eval_max_batches))
+            logger.log(step, metrics)
+            if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set:
+                state = training_state(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                       sampler=sampler, consumed=consumed)
+                save_checkpoint(cfg, model, step, state)
+            if stop.is_set:
+                log.info(f"stopped at step {step}; continue with resume=true")
+                return
     log.info(f"done: {step} steps, checkpoints in {cfg.output_dir}")
 
 

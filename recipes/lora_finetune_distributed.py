@@ -55,7 +55,7 @@ from tunekit.training.resume import restore_sharded_training_state, save_sharded
 from tunekit.training.rng import set_seed
 from tunekit.training.sampler import ResumableSampler
 from tunekit.training.step_checkpoints import checkpoint_to_resume, save_step_checkpoint
-from tunekit.training.train_step import accumulation_groups, optimizer_step
+from tunekit.training.train_step import optimizer_step, training_steps
 
 log = logging.getLogger("tunekit.recipes.lora_finetune_distributed")
 
@@ -139,32 +139,25 @@ def main(cfg) -> None:
                                      log_every=cfg.log_every_n_steps, **cfg.metric_logging)
     with stop_on_sigint() as stop, logger:
         model.train()
-        while step < total_steps:
-            sampler.set_epoch(epoch)
-            consumed = sampler.position
-            for micro_batches in accumulation_groups(loader, cfg.gradient_accumulation_steps):
-                metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
-                                         lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
-                                         max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
-                step += 1
-                consumed += sum(len(b["tokens"]) for b in micro_batches)
-                metrics["epoch"] = epoch
-                if step % cfg.eval_every_n_steps == 0 or step == total_steps:
-                    metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
-                                                max_batches=cfg.eval_max_batches))
-                logger.log(step, metrics)
-                stopping = any_rank(stop.is_set)  # every rank must take the same branch
-                if step % cfg.save_every_n_steps == 0 or step == total_steps or stopping:
-                    progress = dict(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                    sampler=sampler, consumed=consumed)
-                    save_checkpoint(cfg, model, step, progress)
-                if stopping:
-                    log_rank_zero(log, f"stopped at step {step}; continue with resume=true")
-                    return
-                if step == total_steps:
-                    break
-            else:
-                epoch += 1
+        batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                 step=step, epoch=epoch, total_steps=total_steps)
+        for step, epoch, consumed, micro_batches in batches:
+            metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
+                                     lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
+                                     max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
+            metrics["epoch"] = epoch
+            if step % cfg.eval_every_n_steps == 0 or step == total_steps:
+                metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
+                                            max_batches=cfg.eval_max_batches))
+            logger.log(step, metrics)
+            stopping = any_rank(stop.is_set)  # every rank must take the same branch
+            if step % cfg.save_every_n_steps == 0 or step == total_steps or stopping:
+                progress = dict(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                sampler=sampler, consumed=consumed)
+                save_checkpoint(cfg, model, step, progress)
+            if stopping:
+                log_rank_zero(log, f"stopped at step {step}; continue with resume=true")
+                return
     log_rank_zero(log, f"done: {step} steps, checkpoints in {cfg.output_dir}")
 
 

@@ -75,6 +75,25 @@ def accumulation_groups(loader: Iterable[dict[str, torch.Tensor]], n: int) -> It
             group = []
 
 
+def training_steps(loader: Iterable[dict[str, torch.Tensor]], sampler, *, gradient_accumulation_steps: int,
+                   step: int, epoch: int, total_steps: int) -> Iterator[tuple[int, int, int, list]]:
+    """The optimizer steps ``step + 1 .. total_steps`` of a run, epoch after epoch:
+    ``(step, epoch, consumed, micro_batches)``, where ``consumed`` counts the examples of this epoch
+    taken so far (what a checkpoint stores so that resume continues mid-epoch) and
+    ``micro_batches`` are the ``gradient_accumulation_steps`` batches of that step. Starting from
+    the ``step`` / ``epoch`` of a resumed run continues where the sampler's position says."""
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        consumed = sampler.position
+        for micro_batches in accumulation_groups(loader, gradient_accumulation_steps):
+            step += 1
+            consumed += sum(len(b["tokens"]) for b in micro_batches)
+            yield step, epoch, consumed, micro_batches
+            if step == total_steps:
+                return
+        epoch += 1
+
+
 def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
     """Clip by global L2 norm (``max_norm`` None: only measure) and return the norm before clipping.
     With FSDP-sharded parameters the norm is over all ranks' shards, so every rank clips alike."""
