@@ -30,6 +30,9 @@ class Attention(nn.Module):
 
     Forward: ``x [b, s, dim]``, ``mask: Bool[b, s, s]`` (``[b, s, cache_len]`` with a KV cache) or
     None for causal, ``input_pos: Long[b, s]`` or None -> ``[b, s, dim]``.
+
+    ``prefix`` (None unless prefix tuning sets it, see ``tunekit.modules.peft.PrefixTuning``) adds
+    learned keys/values in front of the real ones, visible to every query; not with a KV cache.
     """
 
     def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, q_proj: nn.Module,
@@ -49,6 +52,9 @@ class Attention(nn.Module):
         self.softcap = softcap
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.kv_cache: KVCache | None = None
+        # Prefix tuning: a module whose call ``prefix(batch_size)`` returns learned
+        # ``(keys, values)``, each ``[b, num_kv_heads, n, head_dim]``, seen by every query.
+        self.prefix: nn.Module | None = None
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype,
                     device: torch.device | str | None = None) -> None:
@@ -69,6 +75,8 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             if input_pos is None:
                 raise ValueError("input_pos is required when the KV cache is enabled")
+            if self.prefix is not None:
+                raise NotImplementedError("prefix tuning does not support the KV cache; generate with use_cache=False")
             k, v = self.kv_cache.update(input_pos, k, v)
             k_pos = torch.arange(k.shape[2], device=x.device)
             if mask is None:
@@ -81,6 +89,8 @@ class Attention(nn.Module):
                 rows = torch.arange(s, device=x.device)
                 window = sliding_window_mask(rows, rows, self.sliding_window)
                 mask = (causal_mask(s, x.device) if mask is None else mask) & window
+            if self.prefix is not None:
+                k, v, mask = self._prepend_prefix(k, v, mask)
 
         attn_mask = None if mask is None else mask[:, None] if mask.dim() == 3 else mask
         if self.softcap is not None:
@@ -89,6 +99,21 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                  scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def _prepend_prefix(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Put the ``n`` prefix keys/values in front of ``k, v [b, kv_h, s, d]`` -> ``[b, kv_h, n + s, d]``
+        and widen ``mask`` (``[s, s]``, ``[b, s, s]`` or None = causal) to ``[..., s, n + s]``.
+
+        The prefix carries no rotary embedding (it has no position) and is visible to every query,
+        also across packed documents and outside a sliding window. The mask must be explicit:
+        SDPA's ``is_causal`` aligns the triangle top-left when there are more keys than queries.
+        """
+        pk, pv = self.prefix(k.shape[0])
+        s = k.shape[2]
+        real = causal_mask(s, k.device) if mask is None else mask
+        mask = torch.cat([real.new_ones(*real.shape[:-1], pk.shape[2]), real], dim=-1)
+        return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2), mask
 
 
 def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -1,4 +1,5 @@
-"""Read and write LoRA / DoRA adapters in Hugging Face PEFT's on-disk format.
+"""Read and write LoRA / DoRA adapters in Hugging Face PEFT's on-disk format (and the folder
+helpers prefix tuning shares).
 
 A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys
 are ``base_model.model.<HF module path>.lora_A.weight`` / ``.lora_B.weight`` (and
@@ -88,8 +89,6 @@ def save_peft_adapter(
     ``use_dora`` that is given is checked against it (a mismatch raises ValueError).
     ``hf_name_fn`` maps a tunekit parameter name to its HF name.
     """
-    from safetensors.torch import save_file
-
     hf_name_fn = hf_name_fn or _default_to_hf()
     modules = lora_modules(model)
     if not modules:
@@ -133,23 +132,47 @@ def save_peft_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    write_adapter_folder(out_dir, config, tensors)
+
+
+def write_adapter_folder(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
-    """The adapter's ``adapter_config.json``, validated for what tunekit supports."""
+def read_adapter_folder_config(adapter_dir: str | os.PathLike) -> dict:
+    """The raw ``adapter_config.json`` of a PEFT adapter folder (any peft_type, not validated)."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a PEFT adapter folder")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_adapter_folder_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors`` (PEFT key names)."""
+    from safetensors.torch import load_file
+
+    weights_path = Path(adapter_dir) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found (tunekit reads only safetensors adapters)")
+    return load_file(str(weights_path))
+
+
+def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
+    """The adapter's ``adapter_config.json``, validated for what tunekit supports."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    config = read_adapter_folder_config(adapter_dir)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; tunekit loads only LORA adapters")
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; load_peft_adapter reads only LORA "
+                         "adapters (PREFIX_TUNING ones: load_peft_prefix_adapter)")
     for field in _UNSUPPORTED_FIELDS:
         if config.get(field):
             raise ValueError(f"{path}: '{field}' = {config[field]!r} is not supported by tunekit; "
@@ -176,14 +199,10 @@ def load_peft_adapter(
     existing layers must match them. The set of adapted modules must equal the one in
     ``adapter_model.safetensors``. ``hf_name_fn_inverse`` maps an HF parameter name to tunekit's.
     """
-    from safetensors.torch import load_file
-
     hf_name_fn_inverse = hf_name_fn_inverse or _default_from_hf()
     config = read_peft_config(adapter_dir)
     weights_path = Path(adapter_dir) / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} not found (tunekit reads only safetensors adapters)")
-    tensors = load_file(str(weights_path))
+    tensors = read_adapter_folder_weights(adapter_dir)
 
     ours: dict[str, torch.Tensor] = {}
     hf_leaf_of: dict[str, str] = {}  # our leaf name -> PEFT target module name
