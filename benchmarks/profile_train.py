@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from tunekit.data.synthetic import RandomTokenDataset
+    from tunekit.training.cpu_allocator import keep_freed_cpu_memory
     from tunekit.training.lr_schedules import constant_with_warmup
     from tunekit.training.train_step import optimizer_step
 
     torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()  # as the recipes do on the CPU
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     checkpoint_dir = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="tunekit_profile_"))
     if not (checkpoint_dir / "model.safetensors").is_file():

@@ -30,6 +30,7 @@ import tunekit.config
 from tunekit.config import instantiate
 from tunekit.training.checkpoint_files import write_lora_model
 from tunekit.training.data_loaders import count_training_steps, train_loader
+from tunekit.training.cpu_allocator import keep_freed_cpu_memory
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.distributed import (
     any_rank,
@@ -104,6 +105,8 @@ def main(cfg) -> None:
     check_positive_ints(cfg, "batch_size", "gradient_accumulation_steps", "epochs", "loss_chunks", "eval_every_n_steps",
                         "save_every_n_steps", "log_every_n_steps", optional=("max_steps", "eval_max_batches", "keep_last_n"))
     device = get_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # reuse freed activations instead of page-faulting fresh ones each step
     dtype = get_dtype(cfg.dtype, device)
     rank, world_size = init_distributed(device)
     device = local_device(device)

@@ -25,6 +25,7 @@ from tunekit.modules.peft import load_peft_adapter
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
 from tunekit.training.checkpoint_files import ADAPTER_DIR, write_lora_model
 from tunekit.training.data_loaders import count_training_steps, train_loader
+from tunekit.training.cpu_allocator import keep_freed_cpu_memory
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.evaluation import build_eval_loaders, evaluate_all
 from tunekit.training.interrupt import stop_on_sigint
@@ -75,6 +76,8 @@ def main(cfg) -> None:
     check_positive_ints(cfg, "batch_size", "gradient_accumulation_steps", "epochs", "loss_chunks", "eval_every_n_steps",
                         "save_every_n_steps", "log_every_n_steps", optional=("max_steps", "eval_max_batches", "keep_last_n"))
     device = get_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # reuse freed activations instead of page-faulting fresh ones each step
     dtype = get_dtype(cfg.dtype, device)
     resume_dir = checkpoint_to_resume(cfg.output_dir, cfg.resume)
     set_seed(cfg.seed)
