@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunekit.modules.causal_attention import causal_attention
 from tunekit.modules.kv_cache import KVCache
 from tunekit.modules.masks import causal_mask, sliding_window_mask
 
@@ -95,9 +96,11 @@ class Attention(nn.Module):
         attn_mask = None if mask is None else mask[:, None] if mask.dim() == 3 else mask
         if self.softcap is not None:
             out = _softcapped_attention(q, k, v, attn_mask, self.scale, self.softcap)
+        elif attn_mask is None:
+            out = causal_attention(q, k, v, self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                                 scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
     def _prepend_prefix(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
