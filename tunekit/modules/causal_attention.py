@@ -56,7 +56,8 @@ class BlockCausalAttention(torch.autograd.Function):
         if groups > 1:
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         q3, k3, v3 = q.reshape(b * h, s, d), k.reshape(b * h, s, d), v.reshape(b * h, s, d)
-        q_scaled, k_t = q3.float() * scale, k3.float().transpose(1, 2)  # not in place: fp32 q3 is q
+        q_scaled = q3.float() * scale  # not in place: for fp32 input q3 is q itself
+        k_t = k3.float().transpose(1, 2).contiguous()  # [b*h, d, s]: a strided view runs the bmm 2.5x slower
         above_diagonal = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=q.device).triu_(1)
         diagonal_bias = torch.zeros(BLOCK, BLOCK, device=q.device).masked_fill_(above_diagonal, float("-inf"))
         probs, outs = [], []
@@ -80,7 +81,7 @@ class BlockCausalAttention(torch.autograd.Function):
         grad_out32 = grad_out.float()
         # rowsum(dP * P) computed as rowsum(dO * O): one [s, d] product instead of [s, s]
         delta = (grad_out32 * out).sum(-1, keepdim=True)
-        v_t = v3.float().transpose(1, 2)
+        v_t = v3.float().transpose(1, 2).contiguous()
         grad_q = []
         grad_k = torch.zeros(b * h, s, d, device=q3.device)  # fp32 sums over the query blocks
         grad_v = torch.zeros(b * h, s, d, device=q3.device)

@@ -91,16 +91,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], labels[start:start + rows]
             logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)
-            total -= logp.gather(1, y[:, None]).sum()
+            logp_y = logp.gather(1, y[:, None]).squeeze(1)
+            total -= logp_y.sum()
             if not (need_hidden_grad or need_weight_grad):
                 continue
-            probs = logp.exp_()  # d(-log p_y)/d logits = softmax - one_hot(y)
-            probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            if grad_logits is not None:
-                g = grad_logits[start:start + rows]
-                g.copy_(probs)
-            else:
-                g = probs.to(hidden.dtype)
+            # d(-log p_y)/d logits = softmax - one_hot(y): exp writes the weight dtype directly (one
+            # pass instead of exp in fp32 and a cast); the label entries get p_y - 1 from fp32
+            g = grad_logits[start:start + rows] if grad_logits is not None else torch.empty_like(logp, dtype=hidden.dtype)
+            torch.exp(logp, out=g)
+            g[torch.arange(len(y), device=y.device), y] = (logp_y.exp() - 1.0).to(g.dtype)
             if grad_hidden is not None:
                 torch.mm(g, weight, out=grad_hidden[start:start + rows])
         ctx.save_for_backward(grad_hidden, grad_logits, hidden if need_weight_grad else None)
