@@ -26,8 +26,10 @@ from tunekit.training.cpu_allocator import keep_freed_cpu_memory
 SHAPES = [  # batch, heads, kv heads, tokens, head dim
     (4, 8, 4, 512, 64),
     (4, 8, 4, 256, 64),
-    (1, 16, 8, 1024, 64),
     (2, 14, 2, 512, 64),   # Qwen2.5-0.5B heads
+    (1, 32, 8, 512, 128),  # Llama 3 8B heads
+    (1, 16, 8, 768, 64),
+    (1, 16, 8, 1024, 64),  # longer than the kernel's limit: shown for the trend
     (1, 32, 8, 1024, 128),
 ]
 

@@ -5,11 +5,13 @@ a third of the matmul peak and, for a 512-token row, computes the masked half of
 it took 20-28% of a bench-llama-tiny training step. Cut into query blocks of 64 rows, each block
 only needs the keys up to its own end, and a handful of large batched matmuls (oneDNN/MKL) does
 the work: forward + backward of the bench's attention (bf16, batch 4, 8 heads / 4 kv heads, 512
-tokens, head dim 64) takes 56 ms of CPU time instead of 123 ms (benchmarks/bench_attention.py).
+tokens, head dim 64) takes 56-61 ms of CPU time instead of 100-123 ms with one thread, 34 ms
+instead of 52-57 ms wall clock with two (benchmarks/bench_attention.py).
 
 The price is memory: the probabilities of each block are kept for backward (about
-``batch * heads * seq^2`` bytes in bf16, where flash attention keeps ``O(seq)``), so the kernel is
-used only up to ``MAX_SEQ_LEN`` tokens. Scores, softmax and the score gradients are computed in
+``batch * heads * seq^2`` bytes in bf16, where flash attention keeps ``O(seq)``: 9 MiB per layer
+for the bench), and from 768 tokens SDPA's kernel catches up, so the kernel is used only up to
+``MAX_SEQ_LEN`` tokens. Scores, softmax and the score gradients are computed in
 fp32 (as flash attention does); probabilities and score gradients enter their matmuls in the
 input dtype.
 """
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MAX_SEQ_LEN = 1024  # longer rows: saved probabilities would outgrow the rest of a layer's activations
+MAX_SEQ_LEN = 512  # from 768 tokens SDPA's kernel takes 256-row query blocks and ours stops gaining
+#                   (bench_attention.py: 0.96-1.17x at 768-1024 tokens with 2 threads); memory grows as seq^2
 BLOCK = 64  # query rows per block: the fastest of 64/128/256 at 512 tokens on Zen 4
 
 
