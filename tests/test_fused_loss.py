@@ -80,6 +80,27 @@ def test_linear_cross_entropy_bf16_matches_the_unfused_bf16_path():
     torch.testing.assert_close(weight.grad.float(), w2.grad.float(), rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("gap", [5.0, 80.0, 200.0])
+def test_linear_cross_entropy_far_below_the_max_logit(gap):
+    """Losses of 5, ~80 and ~200 nats: where p_y is no longer a normal fp32 number the loss comes from
+    the log-softmax instead of log(p_y); loss and gradients against float64."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(40, 8, generator=g, dtype=torch.float64) * 0.1
+    labels = torch.arange(6)
+    weight[labels] -= gap * hidden / hidden.pow(2).sum(-1, keepdim=True)  # label logits `gap` lower
+    h32, w32 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss = linear_cross_entropy(h32, w32, labels, num_chunks=2)
+    loss.backward()
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = F.cross_entropy(h64 @ w64.t(), labels, reduction="sum")
+    ref.backward()
+    assert ref.item() > 6 * gap * 0.9
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(h32.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w32.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_random_token_dataset_rows_are_full_length_shifted_and_reproducible():
     data = random_token_dataset(None, vocab_size=7, seq_len=5, num_samples=3, seed=1)
     batch = data.collate([data[0], data[2]])

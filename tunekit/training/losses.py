@@ -45,6 +45,9 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_chunks
 LOGIT_CHUNK_ELEMENTS = 2**23
 
 
+_SMALLEST_EXACT_PROB = 1e-30  # fp32 numbers below ~1.2e-38 lose precision; keep a margin
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          num_chunks: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Sum of token cross-entropies of ``hidden @ weight.T`` without materialising the logits.
@@ -90,16 +93,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0]) if need_weight_grad else None
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], labels[start:start + rows]
-            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)
-            logp_y = logp.gather(1, y[:, None]).squeeze(1)
+            logits = h @ weight.t()
+            # softmax rather than log-softmax: its probabilities are the gradient (no second exp
+            # pass over the chunk), and log(p_y) is as exact as the log-softmax while p_y is a
+            # normal fp32 number; rows where it is not (a loss above ~69 nats) take the log-softmax
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            p_y = probs.gather(1, y[:, None]).squeeze(1)
+            logp_y = p_y.log()
+            tiny = (p_y < _SMALLEST_EXACT_PROB).nonzero().squeeze(1)
+            if len(tiny):
+                logp_y[tiny] = torch.log_softmax(logits[tiny], dim=-1, dtype=torch.float32).gather(
+                    1, y[tiny, None]).squeeze(1)
             total -= logp_y.sum()
             if not (need_hidden_grad or need_weight_grad):
                 continue
-            # d(-log p_y)/d logits = softmax - one_hot(y): exp writes the weight dtype directly (one
-            # pass instead of exp in fp32 and a cast); the label entries get p_y - 1 from fp32
-            g = grad_logits[start:start + rows] if grad_logits is not None else torch.empty_like(logp, dtype=hidden.dtype)
-            torch.exp(logp, out=g)
-            g[torch.arange(len(y), device=y.device), y] = (logp_y.exp() - 1.0).to(g.dtype)
+            # d(-log p_y)/d logits = softmax - one_hot(y), kept in the weight dtype
+            g = grad_logits[start:start + rows] if grad_logits is not None else torch.empty_like(logits)
+            g.copy_(probs)
+            g[torch.arange(len(y), device=y.device), y] = (p_y - 1.0).to(g.dtype)
             if grad_hidden is not None:
                 torch.mm(g, weight, out=grad_hidden[start:start + rows])
         ctx.save_for_backward(grad_hidden, grad_logits, hidden if need_weight_grad else None)
