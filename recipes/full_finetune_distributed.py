@@ -44,7 +44,7 @@ from tunekit.training.distributed import (
     shard_from_rank0,
 )
 from tunekit.training.evaluation import build_eval_loaders, evaluate_all
-from tunekit.training.interrupt import stop_on_sigint
+from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.training.recipe_models import base_architecture
 from tunekit.training.recipe_checks import check_positive_ints
 from tunekit.training.resume import restore_sharded_training_state, save_sharded_training_state
@@ -132,7 +132,7 @@ def main(cfg) -> None:
 
     logger = rank_zero_metric_logger(cfg.output_dir, total_steps=total_steps, initial_step=step,
                                      log_every=cfg.log_every_n_steps, **cfg.metric_logging)
-    with stop_on_sigint() as stop, logger:
+    with stop_on_interrupt() as stop, logger:
         model.train()
         batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                  step=step, epoch=epoch, total_steps=total_steps)

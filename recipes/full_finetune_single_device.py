@@ -27,7 +27,7 @@ from tunekit.training.data_loaders import count_training_steps, train_loader
 from tunekit.training.cpu_allocator import keep_freed_cpu_memory
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.evaluation import build_eval_loaders, evaluate_all
-from tunekit.training.interrupt import stop_on_sigint
+from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.training.metric_logging import MetricLogger
 from tunekit.training.recipe_checks import check_positive_ints
 from tunekit.training.resume import restore_training_state, training_state
@@ -106,7 +106,7 @@ def main(cfg) -> None:
 
     logger = MetricLogger(cfg.output_dir, total_steps=total_steps, initial_step=step,
                           log_every=cfg.log_every_n_steps, **cfg.metric_logging)
-    with stop_on_sigint() as stop, logger:
+    with stop_on_interrupt() as stop, logger:
         model.train()
         batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                  step=step, epoch=epoch, total_steps=total_steps)

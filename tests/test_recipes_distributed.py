@@ -142,12 +142,21 @@ def runs(tiny_run, qlora_model, tmp_path_factory):
     long_run = launch(two_procs(), "lora_finetune_distributed", "tiny/dora",
                       overrides(ckpt, data, r["ctrl_c"], *LORA, "batch_size=1", "max_steps=1000", "save_every_n_steps=1000",
                                 "eval_every_n_steps=1000"), root / "ctrl_c.log", new_session=True)
-    metrics = r["ctrl_c"] / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while long_run.poll() is None and time.monotonic() < deadline and len(read_lines(metrics)) < 2:
-        time.sleep(0.2)
-    os.killpg(long_run.pid, signal.SIGINT)
+    # and a long full fine-tune gets a SIGTERM sent to the launched process alone (`kill`, a
+    # container runtime stopping its main process)
+    r["sigterm"] = root / "sigterm"
+    long_full = launch(two_procs(), "full_finetune_distributed", "tiny/full",
+                       overrides(ckpt, data, r["sigterm"], *FULL, "batch_size=1", "max_steps=1000",
+                                 "save_every_n_steps=1000", "eval_every_n_steps=1000"), root / "sigterm.log")
+    for proc, run, send in ((long_run, r["ctrl_c"], lambda pid: os.killpg(pid, signal.SIGINT)),
+                            (long_full, r["sigterm"], lambda pid: os.kill(pid, signal.SIGTERM))):
+        metrics = run / "logs" / "metrics.jsonl"
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline and len(read_lines(metrics)) < 2:
+            time.sleep(0.2)
+        send(proc.pid)
     long_run.wait(timeout=LAUNCH_TIMEOUT)
+    long_full.wait(timeout=LAUNCH_TIMEOUT)
     wait([(resumed, root / "r12.log")])
     return r
 
@@ -262,3 +271,15 @@ def test_ctrl_c_stops_every_rank_after_a_saved_step(runs):
     assert saved == [f"step_{last}"] and last < 1000
     assert (runs["ctrl_c"] / f"step_{last}" / "recipe_state" / ".metadata").is_file()
     assert PeftConfig.from_pretrained(runs["ctrl_c"] / f"step_{last}" / "adapter").use_dora
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_a_saved_step(runs):
+    """SIGTERM to the `tunekit run` process only: torchrun's agent (which that process became) hands
+    it to the ranks, they finish the step and save; no rank is left running."""
+    log = (runs["sigterm"].parent / "sigterm.log").read_text()
+    assert "SIGTERM: saving a checkpoint" in log and "stopped at step" in log, log[-3000:]
+    saved = [p.name for p in runs["sigterm"].iterdir() if p.name.startswith("step_")]
+    last = read_metrics(runs["sigterm"])[-1]["step"]
+    assert saved == [f"step_{last}"] and last < 1000
+    assert (runs["sigterm"] / f"step_{last}" / "model.safetensors").is_file()
+    assert (runs["sigterm"] / f"step_{last}" / "recipe_state" / ".metadata").is_file()

@@ -147,16 +147,16 @@ def test_full_recipe_trains_and_checkpoint_matches_transformers(tiny_run, tmp_pa
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
-class _SigintAtStep:
-    """Wraps optimizer_step: sends a real SIGINT (as Ctrl-C would) during step ``at``."""
+class _SignalAtStep:
+    """Wraps optimizer_step: sends a real SIGINT (as Ctrl-C would; or ``signum``) during step ``at``."""
 
-    def __init__(self, inner, at):
-        self.inner, self.at, self.calls = inner, at, 0
+    def __init__(self, inner, at, signum=signal.SIGINT):
+        self.inner, self.at, self.calls, self.signum = inner, at, 0, signum
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signum)
         return self.inner(*args, **kwargs)
 
 
@@ -175,7 +175,7 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_
     assert len(expected) == 7
 
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(lora_recipe, "optimizer_step", _SigintAtStep(lora_recipe.optimizer_step, at=4))
+    monkeypatch.setattr(lora_recipe, "optimizer_step", _SignalAtStep(lora_recipe.optimizer_step, at=4))
     lora_recipe.main(make_cfg(config, tiny_run, out, *RESUME_ARGS, dtype))
     assert [p.name for p in out.iterdir() if p.name.startswith("step_")] == ["step_4"]
     monkeypatch.undo()
@@ -185,6 +185,19 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 8))
     assert [r["loss"] for r in rows] == expected  # exactly, not approximately
+
+
+def test_sigterm_saves_and_the_run_resumes(tiny_run, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (SLURM time limit / preemption) behaves like Ctrl-C: the step finishes,
+    step_<N>/ is written, main returns, and resume=true continues to the end."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(full_recipe, "optimizer_step", _SignalAtStep(full_recipe.optimizer_step, at=3, signum=signal.SIGTERM))
+    full_recipe.main(make_cfg("tiny/full", tiny_run, out, "max_steps=5", "save_every_n_steps=100", "eval_every_n_steps=100"))
+    assert [p.name for p in out.iterdir() if p.name.startswith("step_")] == ["step_3"]
+    monkeypatch.undo()
+    full_recipe.main(make_cfg("tiny/full", tiny_run, out, "max_steps=5", "save_every_n_steps=100", "eval_every_n_steps=100",
+                              "resume=true"))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
 
 
 def test_crash_inside_save_keeps_previous_checkpoint(tiny_run, tmp_path, monkeypatch):
@@ -283,7 +296,7 @@ def test_full_finetune_bf16_resume_is_exact(tiny_run, tmp_path, monkeypatch):
     args = ("max_steps=5", "epochs=2", "dtype=bf16", "optimizer.lr=3e-3", "eval_every_n_steps=100")
     full_recipe.main(make_cfg("tiny/full", tiny_run, tmp_path / "a", *args))
     out = tmp_path / "b"
-    monkeypatch.setattr(full_recipe, "optimizer_step", _SigintAtStep(full_recipe.optimizer_step, at=2))
+    monkeypatch.setattr(full_recipe, "optimizer_step", _SignalAtStep(full_recipe.optimizer_step, at=2))
     full_recipe.main(make_cfg("tiny/full", tiny_run, out, *args))
     monkeypatch.undo()
     full_recipe.main(make_cfg("tiny/full", tiny_run, out, *args, "resume=true"))

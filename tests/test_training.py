@@ -15,7 +15,7 @@ from torch import nn
 
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
 from tunekit.training.device import get_device, get_dtype
-from tunekit.training.interrupt import stop_on_sigint
+from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.training.losses import chunked_cross_entropy, count_label_tokens, linear_cross_entropy
 from tunekit.training.lr_schedules import constant_with_warmup, cosine_with_warmup
 from tunekit.training.metric_logging import MetricLogger, peak_memory_gib
@@ -241,15 +241,18 @@ def test_activation_checkpointing_keeps_names_and_gradients():
         apply_activation_checkpointing(nn.Linear(2, 2))
 
 
-def test_stop_on_sigint_sets_flag_then_second_aborts():
-    previous = signal.getsignal(signal.SIGINT)
-    with stop_on_sigint() as flag:
+@pytest.mark.parametrize("first,second,abort", [(signal.SIGINT, signal.SIGINT, KeyboardInterrupt),
+                                                (signal.SIGTERM, signal.SIGTERM, SystemExit),
+                                                (signal.SIGTERM, signal.SIGINT, KeyboardInterrupt)])
+def test_stop_on_interrupt_sets_flag_then_second_aborts(first, second, abort):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with stop_on_interrupt() as flag:
         assert not flag.is_set
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), first)
         assert flag.is_set
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is previous
+        with pytest.raises(abort):
+            os.kill(os.getpid(), second)
+    assert {s: signal.getsignal(s) for s in previous} == previous
 
 
 def test_metric_logger_writes_jsonl_tensorboard_and_stdout(tmp_path, capsys):

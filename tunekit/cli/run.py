@@ -9,9 +9,8 @@ The config is loaded and validated first, so a typo fails in a second, not after
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -100,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if not torchrun_opts:
         return _run_in_process(recipe, recipe_argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_opts, str(recipe), *recipe_argv]
-    # Ctrl-C reaches torchrun and the ranks directly (same terminal process group): they finish
-    # the step and save. This process only waits for them instead of killing torchrun.
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-    try:
-        return subprocess.run(cmd).returncode
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # This process becomes torchrun: a signal sent to the process the user started (Ctrl-C, a
+    # scheduler's or `kill`'s SIGTERM) reaches torchrun's agent itself, which hands it on to the
+    # ranks and gives them 30 s to finish the step and save. A torchrun child would be orphaned,
+    # ranks and all, by a SIGTERM that only its parent received.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
