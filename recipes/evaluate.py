@@ -33,7 +33,7 @@ from tunekit.config import ConfigError, instantiate
 from tunekit.generation import generate_ids, load_inference_model
 from tunekit.training.data_loaders import eval_loader
 from tunekit.training.device import get_device, get_dtype
-from tunekit.training.losses import count_label_tokens
+from tunekit.modules.cross_entropy import count_label_tokens
 from tunekit.training.recipe_checks import check_positive_ints
 from tunekit.training.train_step import evaluate_loss
 

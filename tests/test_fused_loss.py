@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tunekit.data.synthetic import random_token_dataset
 from tunekit.models import decoder_lm
 from tunekit.modules.peft import apply_lora
-from tunekit.training.losses import linear_cross_entropy
+from tunekit.modules.cross_entropy import linear_cross_entropy
 from tunekit.training.train_step import batch_loss_sum
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunekit.modules.attention import Attention
-from tunekit.training.losses import chunked_cross_entropy, linear_cross_entropy
+from tunekit.modules.cross_entropy import chunked_cross_entropy, linear_cross_entropy
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -43,7 +43,7 @@ class TransformerDecoder(nn.Module):
     -> logits ``[b, s, vocab]`` in the parameter dtype. With ``labels: Long[b, s]`` (already
     shifted, -100 = no loss) it returns instead the SUM of the token cross-entropies (fp32
     scalar), computed with the output projection chunk by chunk
-    (:func:`tunekit.training.losses.linear_cross_entropy`) so the logits are never materialised:
+    (:func:`tunekit.modules.cross_entropy.linear_cross_entropy`) so the logits are never materialised:
     much less memory and a faster step than logits + a loss. Calling it inside ``forward`` keeps
     wrappers such as FSDP2, which gather the output weight for ``forward``, working.
     """

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from tunekit.modules.rope import reset_rope_buffers
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
-from tunekit.training.losses import IGNORE_INDEX, count_label_tokens
+from tunekit.modules.cross_entropy import IGNORE_INDEX, count_label_tokens
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -6,6 +6,10 @@ ready logits from any model. Both return the SUM of token losses over labels != 
 recipe divides by the number of such labels across all accumulated micro-batches (and ranks), the Batch contract of
 docs/design.md. Summing instead of averaging per micro-batch is what makes gradient
 accumulation of 4 x 1 equal a batch of 4.
+
+It lives with the model modules because ``TransformerDecoder`` computes it inside its forward
+(so that wrappers such as FSDP2 see the output weight used there); the training helpers import it
+from here.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 # The Batch contract's tunekit.data.CROSS_ENTROPY_IGNORE_INDEX (a test checks they agree); not
-# imported so that the training helpers do not pull in the whole data package.
+# imported so that the model modules do not pull in the whole data package.
 IGNORE_INDEX = -100
 
 
