@@ -82,6 +82,9 @@ def test_dispatch():
     assert ca.use_block_causal_kernel(*qkv(ca.MAX_SEQ_LEN))
     assert not ca.use_block_causal_kernel(*qkv(ca.MAX_SEQ_LEN + 1))
     assert not ca.use_block_causal_kernel(*qkv(16, torch.float16))
+    too_many = [torch.zeros(ca.MAX_SCORES // 64**2 + 1, 1, 64, 8, requires_grad=True) for _ in range(3)]
+    assert not ca.use_block_causal_kernel(*too_many)
+    assert ca.use_block_causal_kernel(*(t[:-1] for t in too_many))
     assert not ca.use_block_causal_kernel(*qkv(16, grad=False))
     with torch.no_grad():
         assert not ca.use_block_causal_kernel(*qkv(16))

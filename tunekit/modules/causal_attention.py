@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 MAX_SEQ_LEN = 512  # from 768 tokens SDPA's kernel takes 256-row query blocks and ours stops gaining
 #                   (bench_attention.py: 0.96-1.17x at 768-1024 tokens with 2 threads); memory grows as seq^2
+MAX_SCORES = 2**26  # batch * heads * seq^2 above this: SDPA. Keeps the saved probabilities (about half
+#                   the scores, bf16) under ~64 MiB per layer; the bench has 2^23 scores
 BLOCK = 64  # query rows per block: the fastest of 64/128/256 at 512 tokens on Zen 4
 
 
@@ -36,12 +38,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def use_block_causal_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The CPU kernel is used when autograd will need a backward (training), for CPU tensors of up to
-    ``MAX_SEQ_LEN`` tokens in fp32/bf16, outside ``torch.compile`` (which fuses SDPA itself).
+    ``MAX_SEQ_LEN`` tokens and ``MAX_SCORES`` scores in fp32/bf16, outside ``torch.compile`` (which
+    fuses SDPA itself).
 
     Without a backward (evaluation, generation) SDPA runs, so inference stays bit-identical to
     transformers' SDPA attention in bf16; our kernel rounds in other places (same accuracy).
     """
-    return (q.device.type == "cpu" and q.shape[2] <= MAX_SEQ_LEN and q.dtype in (torch.float32, torch.bfloat16)
+    b, h, s, _ = q.shape
+    return (q.device.type == "cpu" and s <= MAX_SEQ_LEN and b * h * s * s <= MAX_SCORES
+            and q.dtype in (torch.float32, torch.bfloat16)
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             and not torch.compiler.is_compiling())
 
