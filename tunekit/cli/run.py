@@ -2,7 +2,8 @@
 
 Without torchrun options the recipe runs in this process, as `python <recipe> --config ...`
 would. With them (every option before the recipe, e.g. `--nproc_per_node 2 --standalone`) it is
-launched through `python -m torch.distributed.run`; only `*_distributed.py` recipes accept them.
+handed to `python -m torch.distributed.run` (this process execs it); only `*_distributed.py`
+recipes accept them.
 The config is loaded and validated first, so a typo fails in a second, not after the launch.
 """
 
