@@ -112,8 +112,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not (need_hidden_grad or need_weight_grad):
                 continue
             # d(-log p_y)/d logits = softmax - one_hot(y), kept in the weight dtype
-            g = grad_logits[start:start + rows] if grad_logits is not None else torch.empty_like(logits)
-            g.copy_(probs)
+            if grad_logits is not None:
+                g = grad_logits[start:start + rows]
+                g.copy_(probs)
+            else:
+                g = probs.to(hidden.dtype)  # no copy in fp32
             g[torch.arange(len(y), device=y.device), y] = (p_y - 1.0).to(g.dtype)
             if grad_hidden is not None:
                 torch.mm(g, weight, out=grad_hidden[start:start + rows])
