@@ -111,6 +111,15 @@ def test_bf16_logits_match_transformers(checkpoints):
     assert torch.equal(ours_out, theirs_out)
 
 
+def test_logits_to_keep_projects_only_the_last_positions(checkpoints):
+    ours = from_hf(checkpoints["llama3"][1]).eval()
+    with torch.no_grad():
+        full = ours(TOKENS)
+        last = ours(TOKENS, logits_to_keep=3)
+    assert last.shape == (TOKENS.shape[0], 3, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -3:], rtol=1e-6, atol=1e-6)  # same rows; a smaller matmul may round differently
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padding_mask_matches_transformers(checkpoints, side):
     hf, path = checkpoints["llama3_1"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from tunekit.generation.sampling import check_sampling_args, sample_next_token
 from tunekit.modules.masks import padding_mask, padding_positions
+from tunekit.modules.transformer import TransformerDecoder
 from tunekit.modules.rope import RotaryEmbedding
 
 
@@ -120,7 +121,7 @@ def generate(model: nn.Module, tokens: torch.Tensor, *, max_new_tokens: int, is_
     try:
         with cache:
             if use_cache:
-                logits = model(tokens, input_pos=_cache_prefill_positions(is_token))[:, -1]
+                logits = _last_logits(model, tokens, input_pos=_cache_prefill_positions(is_token))
             else:
                 logits = _full_forward_last(model, tokens, is_token)
             for t in range(max_new_tokens):
@@ -145,8 +146,16 @@ def generate(model: nn.Module, tokens: torch.Tensor, *, max_new_tokens: int, is_
 def _full_forward_last(model: nn.Module, tokens: torch.Tensor, is_token: torch.Tensor) -> torch.Tensor:
     """Logits ``[b, vocab]`` of the last column, from a forward over the whole (left-padded) rows."""
     if bool(is_token.all()):
-        return model(tokens)[:, -1]
-    return model(tokens, mask=padding_mask(is_token), input_pos=padding_positions(is_token))[:, -1]
+        return _last_logits(model, tokens)
+    return _last_logits(model, tokens, mask=padding_mask(is_token), input_pos=padding_positions(is_token))
+
+
+def _last_logits(model: nn.Module, tokens: torch.Tensor, **inputs) -> torch.Tensor:
+    """``model(tokens, **inputs)[:, -1]``; a ``TransformerDecoder`` projects only that position (a
+    128k vocabulary would otherwise take 1 GiB per 4k prompt tokens in fp32 for logits never used)."""
+    if isinstance(model, TransformerDecoder):
+        return model(tokens, logits_to_keep=1, **inputs)[:, -1]
+    return model(tokens, **inputs)[:, -1]
 
 
 def trim_at_stop(ids: Sequence[int], stop_tokens: Sequence[int]) -> list[int]:

@@ -40,7 +40,8 @@ class TransformerDecoder(nn.Module):
 
     Forward: ``tokens: Long[b, s]``, ``mask: Bool[b, s, s]`` or None (causal), ``input_pos: Long[b, s]``
     or None (``arange(s)``; per-document positions for packed rows; KV-cache write positions)
-    -> logits ``[b, s, vocab]`` in the parameter dtype. With ``labels: Long[b, s]`` (already
+    -> logits ``[b, s, vocab]`` in the parameter dtype (``[b, logits_to_keep, vocab]``, the last
+    positions, when ``logits_to_keep`` > 0, as transformers' argument of that name). With ``labels: Long[b, s]`` (already
     shifted, -100 = no loss) it returns instead the SUM of the token cross-entropies (fp32
     scalar), computed with the output projection chunk by chunk
     (:func:`tunekit.modules.cross_entropy.linear_cross_entropy`) so the logits are never materialised:
@@ -82,13 +83,16 @@ class TransformerDecoder(nn.Module):
         return any(isinstance(m, Attention) and m.kv_cache is not None for m in self.modules())
 
     def forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
-                input_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
         h = self.norm(h)
         if labels is not None:
             return self._loss_sum(h, labels)
+        if logits_to_keep:  # generation's prefill needs the last position only: skip [b, s, vocab]
+            h = h[:, -logits_to_keep:]
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
