@@ -32,6 +32,7 @@ sys.path.insert(0, str(ASSETS))
 from tiny_decoder import TinyDecoder, global_micro_batches, token_loss_sum  # noqa: E402
 
 from free_port import free_port  # noqa: E402
+from native_crash import NativeCrash, check_launch, retry_after_native_crash  # noqa: E402
 
 SCRIPT = ASSETS / "train_check.py"
 LAUNCH_TIMEOUT = 150
@@ -47,7 +48,7 @@ def _env():
 
 
 def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str, err: str) -> None:
-    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
+    check_launch(proc.returncode, f"{out[-3000:]}\n{err}", "torchrun")
 
 
 def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -60,6 +61,15 @@ def two_nodes(tmp_path_factory):
     """Two torchrun launches (``--nnodes 2 --nproc_per_node 1``, c10d rendezvous on 127.0.0.1),
     started early so their start-up overlaps the 2-process launch below."""
     root = tmp_path_factory.mktemp("nodes")
+    procs = _launch_two_nodes(root)
+    yield root, procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _launch_two_nodes(root):
     port = free_port()
     procs = []
     for node_rank in (0, 1):
@@ -71,11 +81,24 @@ def two_nodes(tmp_path_factory):
         # output to files, not pipes: nobody reads these pipes while the other launch runs
         with open(root / f"node{node_rank}.log", "w") as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()))
-    yield root, procs
+    return procs
+
+
+def _wait_two_nodes(root, procs, attempt=0):
+    """Both node launches finished cleanly (launched again once after a native crash)."""
     for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        p.wait(timeout=LAUNCH_TIMEOUT)
+    logs = "".join(f"--- node{i} ---\n{(root / f'node{i}.log').read_text()}" for i in (0, 1))
+    try:
+        for p in procs:
+            _check(p, "", logs)
+    except NativeCrash:
+        if attempt:
+            raise
+        retry_root = root / "retry"
+        retry_root.mkdir()
+        return _wait_two_nodes(retry_root, _launch_two_nodes(retry_root), attempt=1)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +121,11 @@ def launch(tmp_path_factory, two_nodes):
     torch.save({"model": model.state_dict(), "optimizer": _optimizer_state_by_name(model, optimizer),
                 "extra": extra}, one / "expected.pt")
 
-    out = root / "two_process"
+    return retry_after_native_crash(_two_process_launch, root, one)
+
+
+def _two_process_launch(root, one, attempt):
+    out = root / f"two_process{attempt}"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(SCRIPT), "--out", str(out), "--load-from", str(one)]
@@ -157,10 +184,7 @@ def test_resume_two_process_checkpoint_on_one(launch):
 
 
 def test_two_node_c10d_rendezvous(two_nodes):
-    root, procs = two_nodes
-    for node_rank, p in enumerate(procs):
-        p.wait(timeout=LAUNCH_TIMEOUT)
-        _check(p, "", (root / f"node{node_rank}.log").read_text())
+    root = _wait_two_nodes(*two_nodes)
     results = [json.loads(f.read_text()) for f in sorted(root.glob("node*/results_rank*.json"))]
     assert len(results) == 2 and all(r["world_size"] == 2 for r in results)
     assert results[0]["losses"] == results[1]["losses"]
