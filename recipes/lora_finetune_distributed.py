@@ -121,7 +121,7 @@ def main(cfg) -> None:
     train_set = instantiate(cfg.dataset, tokenizer)
     sampler = ResumableSampler(len(train_set), rank=rank, world_size=world_size, shuffle=cfg.shuffle, seed=cfg.seed)
     loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
-    # global eval batches, each rank evaluates its rows of them: the numbers of the single-device recipe
+    # every rank evaluates the same global batches: the numbers of the single-device recipe
     eval_sets = build_eval_loaders({"val_loss": cfg.val_dataset, "forget_loss": cfg.forget_dataset}, tokenizer,
                                    batch_size=cfg.batch_size * world_size, num_workers=cfg.num_workers)
 

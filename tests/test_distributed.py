@@ -146,12 +146,6 @@ def test_sharded_training_matches_single_process(launch):
         assert r0[f"param_diff[{tag}]"] <= 1e-5
 
 
-def test_sharded_evaluation_equals_one_process(launch):
-    for rank in (0, 1):
-        r = json.loads((launch / f"results_rank{rank}.json").read_text())
-        assert r["sharded_eval_diff"] <= 1e-5
-
-
 def test_memory_lean_full_state_dict_load_and_qlora(launch):
     r0 = json.loads((launch / "results_rank0.json").read_text())
     assert r0["local_numel_fraction"] == pytest.approx(0.5, abs=0.02)  # each rank holds half

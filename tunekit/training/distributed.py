@@ -396,22 +396,6 @@ def global_token_count(labels: torch.Tensor | Iterable[torch.Tensor], ignore_ind
     return count
 
 
-def rows_of_this_rank(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's share of a global batch (rows ``rank::world_size`` of every tensor, all batch-first
-    as in the Batch contract); the whole batch without a process group.
-
-    A rank left without rows (a last batch smaller than the world) gets row 0 with every label
-    ignored: it must still run the forward (FSDP gathers weights collectively) but adds nothing."""
-    if not is_distributed():
-        return batch
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    rows = {k: v[rank::world_size] for k, v in batch.items()}
-    if rows["tokens"].shape[0] == 0:
-        rows = {k: v[:1] for k, v in batch.items()}
-        rows["labels"] = torch.full_like(rows["labels"], IGNORE_INDEX)
-    return rows
-
-
 def any_rank(flag: bool) -> bool:
     """True if ``flag`` is true on any rank (e.g. Ctrl-C seen by one process): every rank then
     takes the same branch. Collective when distributed."""

@@ -20,8 +20,7 @@ def build_eval_loaders(datasets: dict, tokenizer, *, batch_size: int, num_worker
 
 def evaluate_all(model: nn.Module, loaders: dict[str, DataLoader], *, device: torch.device, loss_chunks: int,
                  max_batches: int | None) -> dict[str, float]:
-    """Mean token loss on each loader. Under a process group every rank evaluates its rows of each
-    global batch and the sums are reduced (``evaluate_loss``): every rank gets the single-device
-    numbers."""
+    """Mean token loss on each loader. Sharded models: every rank evaluates the same batches (FSDP
+    needs every rank in each forward), so every rank gets the same numbers with no reduction."""
     return {name: evaluate_loss(model, loader, device=device, loss_chunks=loss_chunks, max_batches=max_batches)
             for name, loader in loaders.items()}

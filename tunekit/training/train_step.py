@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from tunekit.modules.transformer import TransformerDecoder
 from tunekit.training.activation_offloading import offload_activations
-from tunekit.training.distributed import global_token_count, no_grad_sync, rows_of_this_rank, sum_over_ranks
+from tunekit.training.distributed import global_token_count, no_grad_sync, sum_over_ranks
 from tunekit.modules.cross_entropy import chunked_cross_entropy, count_label_tokens
 from tunekit.training.metric_logging import peak_memory_gib, reset_peak_memory
 
@@ -139,20 +139,14 @@ def optimizer_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Ten
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], *, device: torch.device,
                   loss_chunks: int, max_batches: int | None = None) -> float:
-    """Mean token cross-entropy over ``loader`` (the first ``max_batches`` batches), in eval mode.
-
-    Under a process group every rank reads the same global batches and evaluates its share of
-    their rows (``rows_of_this_rank``); the sums are then added over ranks, so the result is the
-    single-device number at 1/world_size of the work. Collective: every rank must call it."""
+    """Mean token cross-entropy over ``loader`` (the first ``max_batches`` batches), in eval mode."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        batch = rows_of_this_rank(batch)
         total += batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks).item()
         count += count_label_tokens(batch["labels"])
     model.train(was_training)
-    total, count = sum_over_ranks(total, count)
     return total / max(count, 1)
