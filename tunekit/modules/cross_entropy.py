@@ -92,23 +92,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, rows, need_hidden_grad, need_weight_grad):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        label_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         grad_logits = hidden.new_empty(hidden.shape[0], weight.shape[0]) if need_weight_grad else None
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], labels[start:start + rows]
-            logits = h @ weight.t()
             # softmax rather than log-softmax: its probabilities are the gradient (no second exp
-            # pass over the chunk), and log(p_y) is as exact as the log-softmax while p_y is a
-            # normal fp32 number; rows where it is not (a loss above ~69 nats) take the log-softmax
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            # pass over the chunk), and the loss comes from p_y (below)
+            probs = torch.softmax(h @ weight.t(), dim=-1, dtype=torch.float32)
             p_y = probs.gather(1, y[:, None]).squeeze(1)
-            logp_y = p_y.log()
-            tiny = (p_y < _SMALLEST_EXACT_PROB).nonzero().squeeze(1)
-            if len(tiny):
-                logp_y[tiny] = torch.log_softmax(logits[tiny], dim=-1, dtype=torch.float32).gather(
-                    1, y[tiny, None]).squeeze(1)
-            total -= logp_y.sum()
+            label_probs[start:start + rows] = p_y
             if not (need_hidden_grad or need_weight_grad):
                 continue
             # d(-log p_y)/d logits = softmax - one_hot(y), kept in the weight dtype
@@ -120,8 +113,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g[torch.arange(len(y), device=y.device), y] = (p_y - 1.0).to(g.dtype)
             if grad_hidden is not None:
                 torch.mm(g, weight, out=grad_hidden[start:start + rows])
+        # log(p_y) is as exact as the log-softmax while p_y is a normal fp32 number; rows where it
+        # is not (a loss above ~69 nats) are projected again for their log-softmax. Checked once
+        # after the loop: one host sync per call, not one per chunk.
+        logp_y = label_probs.log()
+        tiny = (label_probs < _SMALLEST_EXACT_PROB).nonzero().squeeze(1)
+        if len(tiny):
+            logp = torch.log_softmax(hidden[tiny] @ weight.t(), dim=-1, dtype=torch.float32)
+            logp_y[tiny] = logp.gather(1, labels[tiny, None]).squeeze(1)
         ctx.save_for_backward(grad_hidden, grad_logits, hidden if need_weight_grad else None)
-        return total
+        return -logp_y.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
