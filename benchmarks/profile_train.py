@@ -43,19 +43,6 @@ def build(kind: str, dtype: torch.dtype, checkpoint_dir: Path, activation_checkp
     return model, trainable, optimizer
 
 
-def matmul_peak_cpu_time(dtype: torch.dtype, repeats: int = 10) -> float:
-    """Best FLOP per CPU-second of a 2048^3 matmul in ``dtype`` (process CPU time)."""
-    n = bench_train.MATMUL_N
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        a @ b
-        best = min(best, time.process_time() - start)
-    return 2 * n**3 / best
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", choices=("lora", "full"), default="lora")
@@ -104,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU over {len(seconds)} steps ({[round(s, 3) for s in seconds]})")
     # CPU time is what the step costs this process whatever else runs on the machine; with one
     # thread (no spinning thread pool) it gives an MFU that outside load barely moves.
-    peak_cpu = matmul_peak_cpu_time(dtype)
+    peak_cpu = bench_train.matmul_peak(dtype, args.threads, clock=time.process_time)
     flops = bench_train.flops_per_token(args.kind) * bench_train.BATCH * bench_train.SEQ_LEN
     print(f"CPU-time MFU: {100 * flops / statistics.median(cpu_seconds) / peak_cpu:.1f}% "
           f"({flops / statistics.median(cpu_seconds) / 1e9:.1f} GFLOP per CPU-second; 2048^3 matmul "
