@@ -23,8 +23,23 @@ from tunekit.config.errors import USER_ERRORS, exit_on_user_error
 SUBCOMMANDS = ("ls", "cp", "cat", "validate", "run", "download", "data_check")
 
 
+class _PrintVersion(argparse.Action):
+    """``tunekit --version``; unlike argparse's "version" action, reads the version (package
+    metadata, ~30 ms of imports) only when the option is given."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import tunekit
+
+        print(f"tunekit {tunekit.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunekit", description="Fine-tune LLMs with plain PyTorch recipes.")
+    parser.add_argument("--version", action=_PrintVersion)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     for name in SUBCOMMANDS:
         importlib.import_module(f"tunekit.cli.{name}").add_parser(subparsers)
