@@ -116,7 +116,7 @@ def write_checkpoint(folder: Path) -> None:
     from the shipped tiny_llama asset: the recipes build a tokenizer even for token-id data)."""
     from tunekit.config.resolvers import asset_path
     from tunekit.models.from_hf import build_from_hf_config
-    from tunekit.training.checkpoint_hf import save_hf_checkpoint
+    from tunekit.checkpoint.hf_checkpoint import save_hf_checkpoint
 
     torch.manual_seed(0)
     model = build_from_hf_config(HF_CONFIG, device="cpu")

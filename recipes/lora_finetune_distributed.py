@@ -32,17 +32,16 @@ from tunekit.training.checkpoint_files import write_lora_model
 from tunekit.training.data_loaders import count_training_steps, train_loader
 from tunekit.training.cpu_allocator import keep_freed_cpu_memory
 from tunekit.training.device import get_device, get_dtype
-from tunekit.training.distributed import (
+from tunekit.training.process_group import (
     any_rank,
     destroy_distributed,
     exit_after_clean_run,
-    gather_full_state_dict,
     init_distributed,
     local_device,
     log_rank_zero,
-    rank_zero_metric_logger,
-    shard_from_rank0,
 )
+from tunekit.training.fsdp import gather_full_state_dict, shard_from_rank0
+from tunekit.training.metric_logging import rank_zero_metric_logger
 from tunekit.training.evaluation import build_eval_loaders, evaluate_all
 from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.training.recipe_models import (
@@ -55,7 +54,8 @@ from tunekit.training.recipe_checks import check_positive_ints
 from tunekit.training.resume import restore_sharded_training_state, save_sharded_training_state
 from tunekit.training.rng import set_seed
 from tunekit.training.sampler import ResumableSampler
-from tunekit.training.step_checkpoints import checkpoint_to_resume, save_step_checkpoint
+from tunekit.checkpoint.step_folders import checkpoint_to_resume
+from tunekit.training.step_checkpoints import save_step_checkpoint
 from tunekit.training.train_step import optimizer_step, training_steps
 
 log = logging.getLogger("tunekit.recipes.lora_finetune_distributed")

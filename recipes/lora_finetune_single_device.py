@@ -35,12 +35,8 @@ from tunekit.training.recipe_checks import check_positive_ints
 from tunekit.training.resume import restore_training_state, training_state
 from tunekit.training.rng import set_seed
 from tunekit.training.sampler import ResumableSampler
-from tunekit.training.step_checkpoints import (
-    checkpoint_to_resume,
-    load_recipe_state,
-    save_recipe_state,
-    save_step_checkpoint,
-)
+from tunekit.checkpoint.step_folders import checkpoint_to_resume, load_recipe_state, save_recipe_state
+from tunekit.training.step_checkpoints import save_step_checkpoint
 from tunekit.training.train_step import optimizer_step, training_steps
 
 log = logging.getLogger("tunekit.recipes.lora_finetune_single_device")

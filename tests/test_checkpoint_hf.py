@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from test_models import TOKENS, hf_logits, logits, make_hf_model
 
 from tunekit.models import from_hf
-from tunekit.training.checkpoint_hf import load_hf_state_dict, read_hf_config, save_hf_checkpoint
-from tunekit.training.hf_keys import from_hf_name, to_hf_name
+from tunekit.checkpoint.hf_checkpoint import load_hf_state_dict, read_hf_config, save_hf_checkpoint
+from tunekit.checkpoint.hf_keys import from_hf_name, to_hf_name
 
 
 def read_folder(path) -> dict[str, torch.Tensor]:

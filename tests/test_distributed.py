@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tunekit.training.activation_offloading import offload_activations
-from tunekit.training.distributed import (
+from tunekit.training.process_group import (
     destroy_distributed,
     get_world_size_and_rank,
     global_token_count,
@@ -22,8 +22,8 @@ from tunekit.training.distributed import (
     is_rank_zero,
     local_device,
     log_rank_zero,
-    shard_model,
 )
+from tunekit.training.fsdp import shard_model
 from tunekit.training.distributed_checkpoint import load_sharded_state, save_sharded_state
 from tunekit.training.train_step import clip_gradients
 
@@ -259,7 +259,7 @@ def test_one_process_group_without_torchrun_and_errors(tmp_path, monkeypatch):
 
 def test_unshardable_nf4_weight_is_reported():
     from tunekit.modules.peft import apply_lora
-    from tunekit.training.distributed import _check_nf4_shardable
+    from tunekit.training.fsdp import _check_nf4_shardable
 
     model = apply_lora(TinyDecoder(), ["w1"], rank=2, alpha=4.0, quantize_base=True)  # [128, 64]: 1 scale block
     _check_nf4_shardable(model, 1)

@@ -223,10 +223,10 @@ def test_mismatched_checkpoint_names_key_and_shapes(checkpoints, tmp_path):
                                                       r"!= model shape \(96, 64\)"):
         from_hf(path)
     _rewrite_config(path, lambda c: c.update(intermediate_size=128, num_hidden_layers=3))
-    with pytest.raises(CheckpointMismatchError, match=r"missing keys: \['layers\.2\."):
+    with pytest.raises(CheckpointMismatchError, match=r"missing tensors \['layers\.2\."):
         from_hf(path)
     _rewrite_config(path, lambda c: c.update(num_hidden_layers=1))
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys: \['layers\.1\."):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected tensors \['layers\.1\."):
         from_hf(path)
 
 
@@ -235,7 +235,7 @@ def test_build_from_hf_config_on_meta_matches_transformers_parameter_shapes(chec
     config = json.loads((path / "config.json").read_text())
     model = build_from_hf_config(config)
     assert all(p.is_meta for p in model.parameters())
-    from tunekit.training.hf_keys import to_hf_name
+    from tunekit.checkpoint.hf_keys import to_hf_name
     ours = {to_hf_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     assert ours == theirs

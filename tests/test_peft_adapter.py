@@ -2,7 +2,7 @@
 
 The first tests apply tunekit's LoRA directly to a transformers Llama (its module names are
 already HF names, so the name map is the identity); the last ones go through tunekit's own model
-stack (tunekit.models.from_hf + tunekit.training.hf_keys).
+stack (tunekit.models.from_hf + tunekit.checkpoint.hf_keys).
 """
 
 import copy
@@ -144,7 +144,7 @@ def test_save_checks_given_settings(hf_base, tmp_path):
 def _tunekit_from_hf():
     try:
         from tunekit.models import from_hf
-        import tunekit.training.hf_keys  # noqa: F401  (the default name maps)
+        import tunekit.checkpoint.hf_keys  # noqa: F401  (the default name maps)
     except ImportError as e:  # the model stack is written in parallel; these tests run once it lands
         pytest.skip(f"tunekit model stack not available: {e}")
     return from_hf

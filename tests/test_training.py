@@ -21,13 +21,8 @@ from tunekit.training.lr_schedules import constant_with_warmup, cosine_with_warm
 from tunekit.training.metric_logging import MetricLogger, peak_memory_gib
 from tunekit.training.rng import get_rng_state, set_rng_state, set_seed
 from tunekit.training.sampler import ResumableSampler
-from tunekit.training.step_checkpoints import (
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_recipe_state,
-    save_recipe_state,
-    save_step_checkpoint,
-)
+from tunekit.checkpoint.step_folders import find_latest_checkpoint, list_checkpoints, load_recipe_state, save_recipe_state
+from tunekit.training.step_checkpoints import save_step_checkpoint
 
 
 def _labels(b, s, vocab, g):

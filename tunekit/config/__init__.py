@@ -5,7 +5,7 @@
     optimizer = tunekit.config.instantiate(cfg.optimizer, model.parameters())
 """
 
-from tunekit.config.errors import ConfigError, UserError, user_errors
+from tunekit.config.errors import ConfigError, MissingFileError, UserError, user_errors
 from tunekit.config.instantiate import instantiate
 from tunekit.config.loading import load, parse
 from tunekit.config.overrides import apply_overrides
@@ -14,4 +14,4 @@ from tunekit.config.validate import validate
 
 register_resolvers()  # ${asset:...} works in configs created directly with OmegaConf too
 
-__all__ = ["ConfigError", "UserError", "apply_overrides", "instantiate", "load", "parse", "user_errors", "validate"]
+__all__ = ["ConfigError", "MissingFileError", "UserError", "apply_overrides", "instantiate", "load", "parse", "user_errors", "validate"]

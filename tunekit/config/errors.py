@@ -10,12 +10,23 @@ from collections.abc import Iterable, Iterator
 
 
 class UserError(ValueError):
-    """A mistake the user can fix (a config key, a data file, a path): the CLI and the recipes
-    report it as one ``tunekit: error: ...`` line instead of a traceback."""
+    """A mistake the user can fix (a config key, a data file, a path, a checkpoint): the CLI and
+    the recipes report it as one ``tunekit: error: ...`` line instead of a traceback.
+
+    Raise it (or a subclass: ``ConfigError``, ``MissingFileError``, ``tunekit.data.DataError``,
+    ``tunekit.checkpoint.CheckpointError``, ...) where the mistake is detected, with a message
+    naming the culprit (key and value, file and line, tensor and shapes) and the fix. Anything
+    else is a bug in tunekit and keeps its traceback: never catch a broad type to re-raise it as a
+    UserError.
+    """
 
 
-# FileNotFoundError: our loaders raise it with the path and what was expected there.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user pointed at (a checkpoint, a data file, a step folder) is not
+    there; the message names the path and what was expected in it."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 
 
 class ConfigError(UserError):

@@ -12,7 +12,7 @@ from torch import nn
 from tunekit.config import instantiate
 from tunekit.config.errors import ConfigError
 from tunekit.modules.peft import load_peft_adapter, merge_lora
-from tunekit.training.step_checkpoints import find_latest_checkpoint
+from tunekit.checkpoint.step_folders import find_latest_checkpoint
 
 
 def find_model_dir(checkpoint_dir: str | os.PathLike) -> Path:

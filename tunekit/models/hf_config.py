@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tunekit.checkpoint.errors import CheckpointError
 from tunekit.models.llama import llama
 from tunekit.models.mistral import mistral
 from tunekit.models.qwen2 import qwen2
@@ -18,7 +19,7 @@ from tunekit.modules import ACTIVATIONS, TransformerDecoder
 from tunekit.modules.rope import SUPPORTED_ROPE_TYPES
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(CheckpointError):
     """A config.json field has a value tunekit cannot reproduce exactly."""
 
 

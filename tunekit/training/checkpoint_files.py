@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tunekit.modules.peft import merged_state_dict, save_peft_adapter
-from tunekit.training.checkpoint_hf import read_hf_config, save_hf_checkpoint
+from tunekit.checkpoint.hf_checkpoint import read_hf_config, save_hf_checkpoint
 
 # The adapter has its own folder because transformers (with peft installed) loads a folder holding
 # adapter_config.json as base + adapter, which would apply it twice on top of the merged weights.

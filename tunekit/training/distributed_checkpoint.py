@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from tunekit.training.distributed import get_world_size_and_rank, is_distributed
+from tunekit.training.process_group import get_world_size_and_rank, is_distributed
 
 EXTRA_FILE = "extra.pt"
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tunekit.training.process_group import is_rank_zero
+
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window on an accelerator (CPU peak RSS cannot be reset)."""
@@ -115,3 +117,23 @@ class MetricLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _SilentMetricLogger:
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def rank_zero_metric_logger(output_dir, **kwargs):
+    """``tunekit.training.metric_logging.MetricLogger(output_dir, **kwargs)`` on rank 0 and a
+    logger that records nothing on the other ranks (the metrics the recipes log are already
+    global), so one process writes ``logs/``."""
+    if not is_rank_zero():
+        return _SilentMetricLogger()
+    return MetricLogger(output_dir, **kwargs)

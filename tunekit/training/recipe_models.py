@@ -12,7 +12,7 @@ from torch import nn
 from tunekit.config import instantiate
 from tunekit.models import build_from_hf_config
 from tunekit.modules.peft import apply_lora, lora_modules
-from tunekit.training.checkpoint_hf import read_hf_config
+from tunekit.checkpoint.hf_checkpoint import read_hf_config
 
 
 def add_lora(model: nn.Module, lora, *, quantize_base: bool | None = None) -> nn.Module:
@@ -35,7 +35,7 @@ def build_lora_model(model_node, lora, *, dtype: torch.dtype, device: torch.devi
 def base_architecture(checkpoint_dir: str | Path, *, dtype: torch.dtype) -> nn.Module:
     """The model of the HF checkpoint ``checkpoint_dir`` on the meta device (no weights, no
     memory) with parameters in ``dtype``: what ``from_hf(checkpoint_dir, dtype=dtype)`` builds."""
-    return build_from_hf_config(read_hf_config(checkpoint_dir), device="meta").to(dtype)
+    return build_from_hf_config(read_hf_config(checkpoint_dir), device="meta", source=checkpoint_dir).to(dtype)
 
 
 def lora_architecture(checkpoint_dir: str | Path, lora, *, dtype: torch.dtype) -> nn.Module:

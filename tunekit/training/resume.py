@@ -12,11 +12,11 @@ from pathlib import Path
 
 from torch import nn
 
-from tunekit.training.distributed import get_world_size_and_rank
+from tunekit.training.process_group import get_world_size_and_rank
 from tunekit.training.distributed_checkpoint import load_per_rank_state, load_sharded_state, save_sharded_state
 from tunekit.training.rng import get_rng_state, set_rng_state, set_seed
 from tunekit.training.sampler import ResumableSampler
-from tunekit.training.step_checkpoints import RECIPE_STATE_DIR
+from tunekit.checkpoint.step_folders import RECIPE_STATE_DIR
 
 
 def training_state(*, step: int, epoch: int, optimizer: torch.optim.Optimizer,

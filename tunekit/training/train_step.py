@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 
 from tunekit.modules.transformer import TransformerDecoder
 from tunekit.training.activation_offloading import offload_activations
-from tunekit.training.distributed import global_token_count, no_grad_sync, sum_over_ranks
+from tunekit.training.process_group import global_token_count, sum_over_ranks
+from tunekit.training.fsdp import no_grad_sync
 from tunekit.modules.cross_entropy import chunked_cross_entropy, count_label_tokens
 from tunekit.training.metric_logging import peak_memory_gib, reset_peak_memory
 

@@ -14,15 +14,8 @@ from tiny_decoder import TinyDecoder, global_micro_batches, token_loss_sum
 
 from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.train_step import clip_gradients
-from tunekit.training.distributed import (
-    exit_after_clean_run,
-    gather_full_state_dict,
-    global_token_count,
-    init_distributed,
-    load_full_state_dict,
-    no_grad_sync,
-    shard_model,
-)
+from tunekit.training.process_group import exit_after_clean_run, global_token_count, init_distributed
+from tunekit.training.fsdp import gather_full_state_dict, load_full_state_dict, no_grad_sync, shard_model
 from tunekit.training.distributed_checkpoint import load_sharded_state, save_sharded_state
 
 STEPS, N_MICRO, ROWS_PER_RANK, MAX_NORM, LR = 3, 2, 2, 0.5, 1e-3

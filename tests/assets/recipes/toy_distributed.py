@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import tunekit.config
-from tunekit.training.distributed import exit_after_clean_run
+from tunekit.training.process_group import exit_after_clean_run
 from toy_recipe import make_batch, train, write_result  # the folder of the recipe is on sys.path
 
 

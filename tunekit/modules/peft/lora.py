@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunekit.config.errors import UserError
+
 ADAPTER_SUFFIXES = ("lora_a.weight", "lora_b.weight", "magnitude")
 
 
@@ -58,9 +60,9 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         if not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+            raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+            raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha, self.use_dora, self.use_rslora = rank, alpha, use_dora, use_rslora
@@ -221,13 +223,13 @@ def apply_lora(
     adapters are then created on meta; call ``reset_lora_parameters`` after loading weights) and
     returns ``model``.
 
-    Raises ValueError if a target matches no Linear, naming the Linear attributes available.
+    Raises UserError if a target matches no Linear, naming the Linear attributes available.
     """
     if isinstance(targets, str):
         targets = [targets]
     targets = list(dict.fromkeys(targets))
     if not targets:
-        raise ValueError("apply_lora: `targets` is empty; name at least one Linear, e.g. ['q_proj', 'v_proj']")
+        raise UserError("apply_lora: `targets` is empty; name at least one Linear, e.g. ['q_proj', 'v_proj']")
     if lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA layers; apply LoRA once (or merge_lora first)")
 
@@ -239,7 +241,7 @@ def apply_lora(
         hint = ""
         if "output" in missing and not isinstance(getattr(model, "output", None), nn.Linear):
             hint = " ('output' is absent when the output projection is tied to tok_embeddings: drop it)"
-        raise ValueError(
+        raise UserError(
             f"apply_lora: LoRA target(s) {missing} match no nn.Linear in the model{hint}; "
             f"available Linear names: {available}"
         )
@@ -247,7 +249,7 @@ def apply_lora(
         shared = _shared_parameter_ids(model)
         for _, attr, path, linear in chosen:
             if id(linear.weight) in shared:
-                raise ValueError(
+                raise UserError(
                     f"apply_lora: cannot quantize '{path}.weight' to NF4 because it is tied to another "
                     f"parameter (e.g. tied embeddings); remove '{attr}' from the LoRA targets for QLoRA"
                 )

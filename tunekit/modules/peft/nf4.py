@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from tunekit.config.errors import UserError
+
 # torchao logs "Failed to load ... .so" for its CUDA-only extensions on every CPU import.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
@@ -69,8 +71,9 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
             "then apply QLoRA (apply_lora(..., quantize_base=True))"
         )
     if weight.dim() != 2 or weight.numel() % BLOCK_SIZE:
-        raise ValueError(
-            f"NF4 needs a 2-D weight whose size is a multiple of {BLOCK_SIZE}, got shape {tuple(weight.shape)}"
+        raise UserError(
+            f"QLoRA: NF4 needs a 2-D weight whose size is a multiple of {BLOCK_SIZE}, got shape "
+            f"{tuple(weight.shape)}; leave this layer out of lora.targets or set lora.quantize_base=false"
         )
     weight = weight.detach().contiguous()
     n_blocks = weight.numel() // BLOCK_SIZE

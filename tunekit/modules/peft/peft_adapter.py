@@ -1,15 +1,14 @@
-"""Read and write LoRA / DoRA adapters in Hugging Face PEFT's on-disk format (and the folder
-helpers prefix tuning shares).
+"""Read and write LoRA / DoRA adapters in Hugging Face PEFT's on-disk format (the folder itself:
+``tunekit.checkpoint.peft_files``).
 
 A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys
 are ``base_model.model.<HF module path>.lora_A.weight`` / ``.lora_B.weight`` (and
 ``.lora_magnitude_vector`` for DoRA). tunekit <-> HF names go through the functions passed in
-(default: ``tunekit.training.hf_keys.to_hf_name`` / ``from_hf_name``).
+(default: ``tunekit.checkpoint.hf_keys.to_hf_name`` / ``from_hf_name``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,11 +16,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunekit.checkpoint.errors import CheckpointError
+from tunekit.checkpoint.hf_keys import UnmappedNameError, from_hf_name, to_hf_name
+from tunekit.checkpoint.peft_files import (
+    CONFIG_FILE,
+    KEY_PREFIX,
+    WEIGHTS_FILE,
+    read_adapter_folder_config,
+    read_adapter_folder_weights,
+    write_adapter_folder,
+)
 from tunekit.modules.peft.lora import LoRALinear, apply_lora, lora_modules
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+_PREFIX = KEY_PREFIX
 # PEFT key suffix -> tunekit parameter name inside a LoRALinear
 _SUFFIX_TO_OURS = {
     ".lora_A.weight": "lora_a.weight",
@@ -34,18 +41,6 @@ _UNSUPPORTED_FIELDS = (
     "target_parameters", "trainable_token_indices", "lora_bias", "fan_in_fan_out", "use_qalora",
     "alora_invocation_tokens", "use_bdlora",
 )
-
-
-def _default_to_hf() -> Callable[[str], str]:
-    from tunekit.training.hf_keys import to_hf_name
-
-    return to_hf_name
-
-
-def _default_from_hf() -> Callable[[str], str]:
-    from tunekit.training.hf_keys import from_hf_name
-
-    return from_hf_name
 
 
 def _module_to_hf(path: str, hf_name_fn: Callable[[str], str]) -> str:
@@ -89,7 +84,7 @@ def save_peft_adapter(
     ``use_dora`` that is given is checked against it (a mismatch raises ValueError).
     ``hf_name_fn`` maps a tunekit parameter name to its HF name.
     """
-    hf_name_fn = hf_name_fn or _default_to_hf()
+    hf_name_fn = hf_name_fn or to_hf_name
     modules = lora_modules(model)
     if not modules:
         raise ValueError("save_peft_adapter: the model has no LoRA layers (call apply_lora first)")
@@ -135,53 +130,22 @@ def save_peft_adapter(
     write_adapter_folder(out_dir, config, tensors)
 
 
-def write_adapter_folder(out_dir: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def read_adapter_folder_config(adapter_dir: str | os.PathLike) -> dict:
-    """The raw ``adapter_config.json`` of a PEFT adapter folder (any peft_type, not validated)."""
-    path = Path(adapter_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a PEFT adapter folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def read_adapter_folder_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_model.safetensors`` (PEFT key names)."""
-    from safetensors.torch import load_file
-
-    weights_path = Path(adapter_dir) / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} not found (tunekit reads only safetensors adapters)")
-    return load_file(str(weights_path))
-
-
 def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
     """The adapter's ``adapter_config.json``, validated for what tunekit supports."""
     path = Path(adapter_dir) / CONFIG_FILE
     config = read_adapter_folder_config(adapter_dir)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; load_peft_adapter reads only LORA "
-                         "adapters (PREFIX_TUNING ones: load_peft_prefix_adapter)")
+        raise CheckpointError(f"{path}: peft_type is {config.get('peft_type')!r}; load_peft_adapter reads only LORA "
+                              "adapters (PREFIX_TUNING ones: load_peft_prefix_adapter)")
     for field in _UNSUPPORTED_FIELDS:
         if config.get(field):
-            raise ValueError(f"{path}: '{field}' = {config[field]!r} is not supported by tunekit; "
-                             "retrain the adapter without it")
+            raise CheckpointError(f"{path}: '{field}' = {config[field]!r} is not supported by tunekit; "
+                                  "retrain the adapter without it")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias = {config['bias']!r} is not supported (only 'none')")
+        raise CheckpointError(f"{path}: bias = {config['bias']!r} is not supported (only 'none')")
     for field in ("r", "lora_alpha"):
         if field not in config:
-            raise ValueError(f"{path}: missing field '{field}'")
+            raise CheckpointError(f"{path}: missing field '{field}'")
     return config
 
 
@@ -199,7 +163,7 @@ def load_peft_adapter(
     existing layers must match them. The set of adapted modules must equal the one in
     ``adapter_model.safetensors``. ``hf_name_fn_inverse`` maps an HF parameter name to tunekit's.
     """
-    hf_name_fn_inverse = hf_name_fn_inverse or _default_from_hf()
+    hf_name_fn_inverse = hf_name_fn_inverse or from_hf_name
     config = read_peft_config(adapter_dir)
     weights_path = Path(adapter_dir) / WEIGHTS_FILE
     tensors = read_adapter_folder_weights(adapter_dir)
@@ -212,13 +176,19 @@ def load_peft_adapter(
         if key.startswith(_PREFIX) and suffix is None and "lora_" not in key:
             # PEFT stores lm_head / embed_tokens whole when they are targeted (save_embedding_layers)
             hf_name = key[len(_PREFIX):].replace(".base_layer.", ".")
-            base_copies[hf_name_fn_inverse(hf_name)] = tensor
+            try:
+                base_copies[hf_name_fn_inverse(hf_name)] = tensor
+            except UnmappedNameError as e:
+                raise CheckpointError(f"{weights_path}: key '{key}': {e}") from None
             continue
         if not key.startswith(_PREFIX) or suffix is None:
-            raise ValueError(f"{weights_path}: unexpected key '{key}' (expected "
-                             f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' / '.lora_magnitude_vector')")
+            raise CheckpointError(f"{weights_path}: unexpected key '{key}' (expected "
+                                  f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' / '.lora_magnitude_vector')")
         hf_path = key[len(_PREFIX):-len(suffix)]
-        path = _module_from_hf(hf_path, hf_name_fn_inverse)
+        try:
+            path = _module_from_hf(hf_path, hf_name_fn_inverse)
+        except UnmappedNameError as e:
+            raise CheckpointError(f"{weights_path}: key '{key}': {e}") from None
         ours[f"{path}.{_SUFFIX_TO_OURS[suffix]}"] = tensor
         hf_leaf_of[path.rpartition(".")[2]] = hf_path.rpartition(".")[2]
     targets = sorted(hf_leaf_of)
@@ -226,8 +196,8 @@ def load_peft_adapter(
         listed = set(config["target_modules"])
         found = set(hf_leaf_of.values())
         if listed != found:
-            raise ValueError(f"{weights_path}: adapter_config target_modules {sorted(listed)} but the "
-                             f"weights cover {sorted(found)}")
+            raise CheckpointError(f"{weights_path}: adapter_config target_modules {sorted(listed)} but the "
+                                  f"weights cover {sorted(found)}")
 
     _check_base_copies(model, base_copies, weights_path)
 
@@ -244,22 +214,22 @@ def load_peft_adapter(
         want = {"rank": r, "alpha": alpha, "use_dora": use_dora, "use_rslora": use_rslora}
         for key, value in want.items():
             if have[key] != value:
-                raise ValueError(f"{adapter_dir}: adapter has {key}={value!r} but the model's LoRA layers "
-                                 f"have {have[key]!r}; build the model without LoRA and let load_peft_adapter add it")
+                raise CheckpointError(f"{adapter_dir}: adapter has {key}={value!r} but the model's LoRA layers "
+                                      f"have {have[key]!r}; build the model without LoRA and let load_peft_adapter add it")
 
     expected = {f"{path}.{name}" for path, m in modules.items() for name in m.adapter_params()}
     missing, unexpected = sorted(expected - ours.keys()), sorted(ours.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"{adapter_dir}: adapter does not match the model's LoRA layers "
-                         f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                         f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}); "
-                         "adapters on a subset of layers are not supported")
+        raise CheckpointError(f"{adapter_dir}: adapter does not match the model's LoRA layers "
+                              f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}); "
+                              "adapters on a subset of layers are not supported")
     for path, module in modules.items():
         for name, param in module.adapter_params().items():
             tensor = ours[f"{path}.{name}"]
             if tensor.shape != param.shape:
-                raise ValueError(f"{weights_path}: '{path}.{name}' has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(param.shape)}")
+                raise CheckpointError(f"{weights_path}: '{path}.{name}' has shape {tuple(tensor.shape)}, "
+                                      f"the model expects {tuple(param.shape)}")
             with torch.no_grad():
                 if param.device.type == "meta":
                     new = nn.Parameter(tensor.to(device=module.weight.device, dtype=param.dtype))
@@ -276,10 +246,10 @@ def _check_base_copies(model: nn.Module, base_copies: dict[str, torch.Tensor], w
     for name, saved in base_copies.items():
         current = params.get(name)
         if current is None:
-            raise ValueError(f"{weights_path}: carries base weight '{name}' that the model does not have")
+            raise CheckpointError(f"{weights_path}: carries base weight '{name}' that the model does not have")
         if current.is_meta:
-            raise ValueError(f"{weights_path}: carries base weight '{name}'; load the base model's weights "
-                             "before the adapter so it can be checked")
+            raise CheckpointError(f"{weights_path}: carries base weight '{name}'; load the base model's weights "
+                                  "before the adapter so it can be checked")
         if name in quantized:  # compare in the same lossy format
             from tunekit.modules.peft import nf4
 
@@ -287,8 +257,8 @@ def _check_base_copies(model: nn.Module, base_copies: dict[str, torch.Tensor], w
             saved = nf4.nf4_dequantize(nf4.to_nf4(saved.to(current.dtype)))
         current = current.detach().to(device="cpu", dtype=saved.dtype)
         if current.shape != saved.shape or not torch.equal(current, saved.cpu()):
-            raise ValueError(f"{weights_path}: carries a modified copy of base weight '{name}' (resized "
-                             "vocabulary or trained embeddings), which tunekit does not support")
+            raise CheckpointError(f"{weights_path}: carries a modified copy of base weight '{name}' (resized "
+                                  "vocabulary or trained embeddings), which tunekit does not support")
 
 
 def _set_adapter_param(module: LoRALinear, name: str, param: nn.Parameter) -> None:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from tunekit.modules.attention import Attention
-from tunekit.modules.peft.peft_adapter import (
+from tunekit.checkpoint.errors import CheckpointError
+from tunekit.checkpoint.peft_files import (
     CONFIG_FILE,
     read_adapter_folder_config,
     read_adapter_folder_weights,
@@ -225,19 +226,19 @@ def read_peft_prefix_config(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / CONFIG_FILE
     config = read_adapter_folder_config(adapter_dir)
     if config.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; load_peft_prefix_adapter reads "
-                         "PREFIX_TUNING adapters (LORA ones: load_peft_adapter)")
+        raise CheckpointError(f"{path}: peft_type is {config.get('peft_type')!r}; load_peft_prefix_adapter reads "
+                              "PREFIX_TUNING adapters (LORA ones: load_peft_adapter)")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{path}: 'task_type' = {config['task_type']!r} is not supported; "
-                         "tunekit models are CAUSAL_LM")
+        raise CheckpointError(f"{path}: 'task_type' = {config['task_type']!r} is not supported; "
+                              "tunekit models are CAUSAL_LM")
     if config.get("num_transformer_submodules", 1) != 1:
-        raise ValueError(f"{path}: 'num_transformer_submodules' = {config['num_transformer_submodules']!r} is not "
-                         "supported (encoder-decoder prefixes); tunekit needs 1")
+        raise CheckpointError(f"{path}: 'num_transformer_submodules' = {config['num_transformer_submodules']!r} is not "
+                              "supported (encoder-decoder prefixes); tunekit needs 1")
     if config.get("modules_to_save"):
-        raise ValueError(f"{path}: 'modules_to_save' = {config['modules_to_save']!r} is not supported by tunekit")
+        raise CheckpointError(f"{path}: 'modules_to_save' = {config['modules_to_save']!r} is not supported by tunekit")
     for field in ("num_virtual_tokens", "num_layers", "num_attention_heads", "token_dim"):
         if not isinstance(config.get(field), int):
-            raise ValueError(f"{path}: missing or non-integer field '{field}'")
+            raise CheckpointError(f"{path}: missing or non-integer field '{field}'")
     return config
 
 
@@ -253,23 +254,23 @@ def load_peft_prefix_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -
     tensors = read_adapter_folder_weights(adapter_dir)
     where = Path(adapter_dir)
     if set(tensors) != {_WEIGHTS_KEY}:
-        raise ValueError(f"{where}: expected the single tensor '{_WEIGHTS_KEY}', found {sorted(tensors)}")
+        raise CheckpointError(f"{where}: expected the single tensor '{_WEIGHTS_KEY}', found {sorted(tensors)}")
     n = config["num_virtual_tokens"]
     wrapper = model if isinstance(model, PrefixTuning) else PrefixTuning(model, n, init="zeros")
     if wrapper.n_virtual_tokens != n:
-        raise ValueError(f"{where}: adapter has num_virtual_tokens={n} but the model's prefix has "
-                         f"{wrapper.n_virtual_tokens}")
+        raise CheckpointError(f"{where}: adapter has num_virtual_tokens={n} but the model's prefix has "
+                              f"{wrapper.n_virtual_tokens}")
     prefixes = prefix_modules(wrapper)
     kv_heads, _, head_dim = prefixes[0].key.shape
     want = {"num_layers": len(prefixes), "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
     for field, value in want.items():
         if config[field] != value:
-            raise ValueError(f"{where}: adapter has {field}={config[field]} but the model needs {value} "
-                             "(num_attention_heads / token_dim count key/value heads)")
+            raise CheckpointError(f"{where}: adapter has {field}={config[field]} but the model needs {value} "
+                                  "(num_attention_heads / token_dim count key/value heads)")
     flat = tensors[_WEIGHTS_KEY]
     if tuple(flat.shape) != (n, len(prefixes) * 2 * kv_heads * head_dim):
-        raise ValueError(f"{where}: '{_WEIGHTS_KEY}' has shape {tuple(flat.shape)}, expected "
-                         f"{(n, len(prefixes) * 2 * kv_heads * head_dim)}")
+        raise CheckpointError(f"{where}: '{_WEIGHTS_KEY}' has shape {tuple(flat.shape)}, expected "
+                              f"{(n, len(prefixes) * 2 * kv_heads * head_dim)}")
     stacked = flat.view(n, 2 * len(prefixes), kv_heads, head_dim).permute(1, 2, 0, 3)  # [2L, kv, n, d]
     with torch.no_grad():
         for i, p in enumerate(prefixes):

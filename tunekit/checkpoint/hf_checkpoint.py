@@ -1,20 +1,26 @@
 """Read and write Hugging Face checkpoint folders (``config.json`` + safetensors, sharded or not).
 
-Never unpickles: weights come from safetensors, or from ``pytorch_model*.bin`` through
-``torch.load(weights_only=True)``.
+Never unpickles code: weights come from safetensors, or from ``pytorch_model*.bin`` through
+``torch.load(weights_only=True)``. Every problem with the files (missing, invalid JSON, truncated
+or corrupt weights, a pickle ``weights_only`` refuses, NaN/inf weights) is a
+:class:`~tunekit.checkpoint.errors.CheckpointError` (or ``NonFiniteError``) naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tunekit.training.hf_keys import from_hf_name, to_hf_name
+from tunekit.checkpoint.errors import CheckpointError, check_finite
+from tunekit.checkpoint.hf_keys import UnmappedNameError, from_hf_name, to_hf_name
+from tunekit.config.errors import MissingFileError
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -28,50 +34,88 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def read_json_file(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; :class:`CheckpointError` naming the file, line and column if it
+    is not valid JSON or not an object. ``what`` says what the file is for the message."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                              f"fix or replace this {what}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a text file; fix or replace this {what}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}; "
+                              f"fix or replace this {what}")
+    return value
+
+
 def read_hf_config(checkpoint_dir: str | Path) -> dict:
     """The parsed ``config.json`` of an HF checkpoint folder."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: checkpoint_dir must be a Hugging Face model folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        what = "does not exist" if not Path(checkpoint_dir).exists() else "has no config.json"
+        raise MissingFileError(f"checkpoint_dir={checkpoint_dir} {what}: it must be a Hugging Face model folder "
+                               "(config.json + model*.safetensors)")
+    return read_json_file(path, "model config")
 
 
 def _weight_files(checkpoint_dir: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = checkpoint_dir / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_file(index, "checkpoint index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no 'weight_map' object (tensor name -> file); fix or replace the index")
             return [checkpoint_dir / f for f in sorted(set(weight_map.values()))]
     for single in (SAFETENSORS_FILE, BIN_FILE):
         if (checkpoint_dir / single).is_file():
             return [checkpoint_dir / single]
-    raise FileNotFoundError(f"no {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE} or {BIN_INDEX} in {checkpoint_dir}")
+    raise MissingFileError(f"checkpoint_dir={checkpoint_dir}: no {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE} "
+                           f"or {BIN_INDEX}: not a Hugging Face model folder with weights")
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one ``*.safetensors`` or ``*.bin`` file (CPU, HF names as stored)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is listed in the checkpoint index but missing")
+        raise MissingFileError(f"{path} is listed in the checkpoint index but missing; download the checkpoint again")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
+                                  "corrupt: download or copy it again") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "unpickling failed"
+        raise CheckpointError(f"{path}: refused: it pickles Python objects besides tensors, which tunekit never "
+                              f"loads (weights_only=True: {reason}); use the checkpoint's safetensors files, or "
+                              "convert this file to safetensors where you trust it") from None
+    except (RuntimeError, EOFError) as e:  # torch.load's reader on a truncated / non-zip file
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({str(e).splitlines()[0][:200]}); "
+                              "the file is truncated or corrupt: download or copy it again") from None
 
 
 def load_hf_state_dict(checkpoint_dir: str | Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All weights of an HF checkpoint folder under tunekit names (on CPU).
 
-    ``dtype`` casts floating-point tensors; None keeps the stored dtypes.
+    ``dtype`` casts floating-point tensors; None keeps the stored dtypes. A NaN or infinity in
+    any weight raises ``NonFiniteError`` naming the tensor and its file.
     """
     state_dict: dict[str, torch.Tensor] = {}
     for path in _weight_files(Path(checkpoint_dir)):
-        for hf_name, tensor in _read_weights(path).items():
+        tensors = read_weight_file(path)
+        check_finite(tensors.items(), str(path), action="loading")
+        for hf_name, tensor in tensors.items():
             if hf_name.endswith(_IGNORED_HF_SUFFIXES):
                 continue
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
-            state_dict[from_hf_name(hf_name)] = tensor
+            try:
+                state_dict[from_hf_name(hf_name)] = tensor
+            except UnmappedNameError as e:
+                raise CheckpointError(f"{path}: {e}; is this a checkpoint of a supported architecture?") from None
     return state_dict
 
 
@@ -126,6 +170,7 @@ def save_hf_checkpoint(state_dict: Mapping[str, torch.Tensor], out_dir: str | Pa
     tensors = _to_disk_tensors(state_dict, tied=bool(hf_config.get("tie_word_embeddings", False)))
     if not tensors:
         raise ValueError("save_hf_checkpoint: empty state_dict")
+    check_finite(tensors.items(), str(out_dir), action="saving")  # never write a NaN checkpoint
     for stale in [*out_dir.glob("model*.safetensors"), out_dir / SAFETENSORS_INDEX]:
         stale.unlink(missing_ok=True)
 

@@ -1,25 +1,20 @@
-"""Distributed set-up for the recipes: process group, FSDP2 sharding, full-state-dict in/out,
-gradient accumulation without redundant reductions, global gradient clipping and global
-token-count loss normalisation, rank-zero logging.
+"""FSDP2 sharding for the distributed recipes: shard a model (or a model whose weights exist on
+rank 0 only), full state dicts in and out, gradient accumulation without redundant reductions.
 
-Launch with torchrun (``tunekit run --nproc_per_node N <recipe>_distributed ...``); every function
-also works in a plain single process (world size 1). Model code never sees any of this: sharding is
-applied from outside on ``model.layers`` and the root module.
+Model code never sees any of this: sharding is applied from outside on ``model.layers`` and the
+root module.
 
 Gradient reduction convention (see ``shard_model``): FSDP reduces gradients with a plain SUM over
-ranks (divide factor 1) and every rank scales its summed token loss by ``1 / global_token_count``.
-The gradient is then exactly d(sum of token losses over all ranks and micro-batches) / N, the
-single-process math, with no multiply-by-world-size / divide-by-world-size round trip.
+ranks (divide factor 1) and every rank scales its summed token loss by ``1 / global_token_count``
+(``tunekit.training.process_group``). The gradient is then exactly d(sum of token losses over all
+ranks and micro-batches) / N, the single-process math, with no multiply-by-world-size /
+divide-by-world-size round trip.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import logging
-import os
-import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,115 +25,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from tunekit.modules.rope import reset_rope_buffers
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
-from tunekit.modules.cross_entropy import IGNORE_INDEX, count_label_tokens
-
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS / Windows
-        return os.cpu_count() or 1
-
-
-def is_distributed() -> bool:
-    """True when a default process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_world_size_and_rank() -> tuple[int, int]:
-    """(world_size, rank) of the default process group, (1, 0) without one."""
-    if is_distributed():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def is_rank_zero() -> bool:
-    """True on global rank 0; before the process group exists, from torchrun's ``RANK``."""
-    if is_distributed():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", 0)) == 0
-
-
-def local_device(device: torch.device | str) -> torch.device:
-    """The device this process computes on: under torchrun ``<type>:LOCAL_RANK`` for an
-    accelerator (cuda, xpu, ...), else the given device (index 0 if none); CPU as given."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return device
-    if "LOCAL_RANK" in os.environ:
-        return torch.device(device.type, int(os.environ["LOCAL_RANK"]))
-    return torch.device(device.type, device.index or 0)
-
-
-def init_distributed(device: torch.device | str, *, timeout_minutes: float = 30.0) -> tuple[int, int]:
-    """Initialise the default process group for ``device`` and return (rank, world_size).
-
-    The backend follows the device type (nccl on CUDA, xccl on XPU, gloo on CPU). Under torchrun
-    the rendezvous comes from its environment; in a plain ``python`` process a one-process group
-    is created in memory so the same recipe code runs unchanged. On an accelerator the
-    current device becomes ``LOCAL_RANK``; on CPU each rank gets ``cores // local_world_size``
-    threads so ranks sharing a machine do not oversubscribe its cores. Idempotent.
-    """
-    device = torch.device(device)
-    if not dist.is_available():
-        raise RuntimeError("init_distributed: this torch build has no torch.distributed support")
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if device.type != "cpu":
-        if not torch.accelerator.is_available() or torch.accelerator.current_accelerator().type != device.type:
-            raise ValueError(f"init_distributed: device '{device}' is not available on this machine; use device=cpu")
-        index = local_device(device).index
-        if index >= torch.accelerator.device_count():
-            raise ValueError(
-                f"init_distributed: this process needs {device.type}:{index} (LOCAL_RANK) but only "
-                f"{torch.accelerator.device_count()} {device.type} devices are visible; lower --nproc_per_node"
-            )
-        torch.accelerator.set_device_index(index)
-    else:
-        torch.set_num_threads(max(1, _available_cores() // max(1, local_world_size)))
-
-    if is_distributed():
-        return dist.get_rank(), dist.get_world_size()
-    backend = dist.get_default_backend_for_device(device)
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    if all(v in os.environ for v in _TORCHRUN_VARS):
-        dist.init_process_group(backend=backend, timeout=timeout)
-    else:  # plain `python recipe.py`: an in-memory store, no port to pick
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def destroy_distributed() -> None:
-    """Tear down the default process group (no-op without one); call at the end of a recipe."""
-    if is_distributed():
-        dist.destroy_process_group()
-
-
-def exit_after_clean_run() -> None:
-    """End a distributed process whose run finished (process group already destroyed): flush
-    stdout/stderr and logging, then leave without interpreter finalization, exit code 0.
-
-    Why: with torch 2.13 on gloo, about 1 launch in 20 here aborts AFTER a clean
-    ``destroy_process_group`` returned, during interpreter finalization ("terminate called without
-    an active exception", seen on CPU in tests and CI), which turns a finished run with all its
-    checkpoints into a failed torchrun exit code. Everything a recipe writes is closed before this.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(0)
-
-
-def log_rank_zero(logger: logging.Logger, message: str, level: int = logging.INFO) -> None:
-    """Log ``message`` on rank 0 only, so N ranks do not print N copies."""
-    if is_rank_zero():
-        logger.log(level, message)
-
+from tunekit.training.process_group import (
+    communication_device,
+    get_world_size_and_rank,
+    is_distributed,
+    is_rank_zero,
+    local_device,
+)
 
 def shard_model(
     model: nn.Module,
@@ -277,7 +173,7 @@ def _materialize_from_rank0(module: nn.Module, device: torch.device) -> None:
             f"shard_from_rank0: rank {rank} built a different model than rank 0 "
             f"({sorted(set(reference[0]) ^ set(layout))[:4]} ...); build the same architecture and dtype on every rank"
         )
-    comm_device = _communication_device()
+    comm_device = communication_device()
     for p in params.values():
         buffer = p.data if p.device == comm_device else p.data.to(comm_device)
         dist.broadcast(buffer, src=0)
@@ -369,85 +265,3 @@ def no_grad_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     finally:
         for m in modules:
             m.set_requires_gradient_sync(True, recurse=False)
-
-
-def _communication_device() -> torch.device:
-    # gloo reduces CPU tensors; nccl / xccl only accelerator tensors.
-    if dist.get_backend() == "gloo":
-        return torch.device("cpu")
-    accelerator = torch.accelerator.current_accelerator()
-    return torch.device(accelerator.type, torch.accelerator.current_device_index())
-
-
-def global_token_count(labels: torch.Tensor | Iterable[torch.Tensor], ignore_index: int = IGNORE_INDEX) -> int:
-    """Number of labels != ``ignore_index`` over the given micro-batches (one tensor or a list of
-    ``labels`` [b, s], on any device) summed over all ranks: the loss denominator of one
-    optimizer step. Collective when distributed: every rank must call it."""
-    if isinstance(labels, torch.Tensor):
-        labels = [labels]
-    labels = list(labels)
-    if not labels:
-        raise ValueError("global_token_count: no micro-batches given")
-    count = sum(count_label_tokens(lab, ignore_index) for lab in labels)
-    if is_distributed():
-        total = torch.tensor(count, dtype=torch.int64, device=_communication_device())
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        count = int(total.item())
-    return count
-
-
-def any_rank(flag: bool) -> bool:
-    """True if ``flag`` is true on any rank (e.g. Ctrl-C seen by one process): every rank then
-    takes the same branch. Collective when distributed."""
-    if not is_distributed():
-        return flag
-    value = torch.tensor(int(flag), device=_communication_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def sum_over_ranks(*values: float) -> tuple[float, ...]:
-    """Each value summed over all ranks (one all-reduce for all of them); unchanged without a
-    process group. Collective when distributed."""
-    if not is_distributed():
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=_communication_device())
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return tuple(total.tolist())
-
-
-def broadcast_from_rank0(obj):
-    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself without a process group."""
-    if not is_distributed():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
-    if is_distributed():
-        dist.barrier()
-
-
-class _SilentMetricLogger:
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def rank_zero_metric_logger(output_dir, **kwargs):
-    """``tunekit.training.metric_logging.MetricLogger(output_dir, **kwargs)`` on rank 0 and a
-    logger that records nothing on the other ranks (the metrics the recipes log are already
-    global), so one process writes ``logs/``."""
-    if not is_rank_zero():
-        return _SilentMetricLogger()
-    from tunekit.training.metric_logging import MetricLogger
-
-    return MetricLogger(output_dir, **kwargs)

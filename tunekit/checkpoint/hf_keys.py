@@ -31,6 +31,11 @@ PER_LAYER: dict[str, str] = {
     "mlp.w3": "mlp.up_proj",
 }
 
+class UnmappedNameError(ValueError):
+    """A parameter name with no counterpart in the table: readers of checkpoint files catch it and
+    report the file (it holds tensors of another architecture); from our own names it is a bug."""
+
+
 _TUNEKIT_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
@@ -54,8 +59,8 @@ def _convert(name: str, layer_re: re.Pattern, layer_prefix: str, top: dict[str, 
         mapped = _map_module_path(name, top)
         if mapped is not None:
             return mapped
-    raise ValueError(f"{direction}: no mapping for parameter name {name!r} "
-                     "(tunekit/training/hf_keys.py lists the supported names)")
+    raise UnmappedNameError(f"{direction}: no mapping for parameter name {name!r} "
+                   "(tunekit/checkpoint/hf_keys.py lists the supported names)")
 
 
 def to_hf_name(name: str) -> str:
