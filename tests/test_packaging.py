@@ -8,6 +8,7 @@ venv sees torch and the other dependencies through ``--system-site-packages``.""
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -128,7 +129,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         # Running inside a venv: --system-site-packages exposes the base interpreter's packages, not
         # this venv's, where torch is. addsitedir appends them after the new venv's own site-packages
         # and runs their .pth files, as for system site-packages.
-        dirs = [d for d in sys.path if d.endswith("-packages") and Path(d).is_dir()]
+        dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
         (purelib / "_outer_site.pth").write_text(f"import site; [site.addsitedir(d) for d in {dirs!r}]\n")
     # --ignore-installed: never look at (or try to uninstall) the tunekit of the system site-packages,
     # typically the editable install of this checkout.
