@@ -11,6 +11,7 @@ launch set over once, from scratch, when the logs show one of these signatures; 
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 SIGNATURES = ("malloc(): ", "malloc_consolidate(): ", "double free or corruption", "free(): invalid",
@@ -26,15 +27,32 @@ def check_launch(returncode: int, logs: str, what: str) -> None:
     if returncode == 0:
         return
     message = f"{what} failed (rc {returncode}):\n{logs[-6000:]}"
-    if any(s in logs for s in SIGNATURES):
+    if crash_signature(logs):
         raise NativeCrash(message)
     raise AssertionError(message)
 
 
+def crash_signature(logs: str) -> str | None:
+    """The first native crash signature found in ``logs`` (None without one)."""
+    return next((s for s in SIGNATURES if s in logs), None)
+
+
 def retry_after_native_crash(build, *args):
-    """``build(*args, attempt=0)``; once more with ``attempt=1`` if it raised NativeCrash."""
+    """``build(*args, attempt=0)``; once more with ``attempt=1`` if it raised NativeCrash.
+
+    Every retry is printed to stderr (signature and the log lines around it) besides the warning,
+    so a CI log shows each one even where warnings are summarised or filtered: the retry is kept
+    only because of the measured crash rate (docs/distributed.md), and a rising count of retries
+    must be visible."""
     try:
         return build(*args, attempt=0)
     except NativeCrash as crash:
-        warnings.warn(f"native crash in a torchrun launch, starting the launches over once:\n{str(crash)[:2000]}")
+        text = str(crash)
+        signature = crash_signature(text)
+        at = text.find(signature) if signature else -1
+        excerpt = text[max(0, at - 1500):at + 500] if at >= 0 else text[-2000:]
+        print(f"\n{'=' * 30} NATIVE CRASH RETRY {'=' * 30}\nsignature: {signature!r}\n{excerpt}\n"
+              f"{'=' * 30} starting the torchrun launches over once {'=' * 30}", file=sys.stderr, flush=True)
+        warnings.warn(f"native crash ({signature!r}) in a torchrun launch, starting the launches over once:\n"
+                      f"{text[:2000]}")
         return build(*args, attempt=1)

@@ -5,7 +5,7 @@ import pytest
 from native_crash import NativeCrash, check_launch, retry_after_native_crash
 
 
-def test_only_native_crashes_are_retried():
+def test_only_native_crashes_are_retried(capsys):
     check_launch(0, "malloc(): unaligned tcache chunk detected", "ok")  # a clean exit is never an error
     with pytest.raises(NativeCrash):
         check_launch(-6, "[rank1]: ...\nmalloc(): unaligned tcache chunk detected\n", "launch")
@@ -24,6 +24,9 @@ def test_only_native_crashes_are_retried():
     with pytest.warns(UserWarning, match="starting the launches over once"):
         assert retry_after_native_crash(build, 7) == 7
     assert attempts == [0, 1]
+    # every retry is also printed to stderr, signature and log excerpt, so CI output shows it
+    err = capsys.readouterr().err
+    assert "NATIVE CRASH RETRY" in err and "'terminate called without an active exception'" in err
 
     def always_crash(attempt):
         raise NativeCrash("malloc(): ")
