@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the checkpoint and run folders in DIR")
-    p.add_argument("overrides", nargs="*", help="extra recipe key=value overrides (e.g. loss_chunks=4)")
+    p.add_argument("overrides", nargs="*", help="extra recipe key=value overrides (e.g. activation_checkpointing=true)")
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 1:
         p.error(f"--steps must be larger than --warmup + 1 ({args.warmup + 1})")
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"expected metric rows for steps 1..{args.steps}, got {[r['step'] for r in rows]}")
     tokens = BATCH * SEQ_LEN
     # wall-clock gap to the previous row; step 1 has none, so its in-step time is shown
-    seconds = [tokens / rows[0]["tokens_per_second"]]  # optimizer_step counts the tokens of all ranks
+    seconds = [tokens / rows[0]["tokens_per_second"]]  # the recipes count the tokens of all ranks
     seconds += [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
     print("step  seconds   loss")
     for r, s in zip(rows, seconds):

@@ -3,7 +3,7 @@
     python benchmarks/profile_train.py --kind lora --dtype bf16 [--steps 6] [--rows 25]
 
 Builds the same model, data and optimizer as benchmarks/bench_train.py (in this process, with
-the recipes' own building blocks: ``from_hf``, ``apply_lora``, ``optimizer_step``), runs a few
+the recipes' own building blocks: ``from_hf``, ``apply_lora`` and the recipe's ``train_step``), runs a few
 warm-up steps, then profiles ``--steps`` steps and prints (1) the wall time of forward, backward
 and optimizer phases (median over the steps) and (2) the profiler's op table sorted by self CPU
 time. The op table lists where the time goes beyond the matmuls (``aten::mm``/``addmm``/``bmm``).
@@ -12,6 +12,7 @@ time. The op table lists where the time goes beyond the matmuls (``aten::mm``/``
 from __future__ import annotations
 
 import argparse
+import runpy
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--loss-chunks", type=int, default=8)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (optimizer.fused=true in a config)")
     p.add_argument("--checkpoint-dir", default=None, help="reuse a bench checkpoint folder")
@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     from tunekit.data.synthetic import RandomTokenDataset
     from tunekit.training.cpu_allocator import keep_freed_cpu_memory
     from tunekit.training.lr_schedules import constant_with_warmup
-    from tunekit.training.train_step import optimizer_step
+    from omegaconf import OmegaConf
+
+    from tunekit.config.catalog import find_recipe
+
+    recipe_file = find_recipe("lora_finetune_single_device" if args.kind == "lora" else "full_finetune_single_device")
+    recipe = runpy.run_path(str(recipe_file), run_name="profiled_recipe")  # the recipe's own train_step
 
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()  # as the recipes do on the CPU
@@ -75,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                               num_samples=bench_train.BATCH * (args.steps + args.warmup))
     batches = [data.collate([data[i * bench_train.BATCH + j] for j in range(bench_train.BATCH)])
                for i in range(args.steps + args.warmup)]
-    step = lambda batch: optimizer_step(model, [batch], parameters=trainable, optimizer=optimizer,  # noqa: E731
-                                        lr_scheduler=scheduler, device=torch.device("cpu"),
-                                        loss_chunks=args.loss_chunks, max_grad_norm=1.0)
+    cfg = OmegaConf.create({"activation_offloading": False, "max_grad_norm": 1.0, "output_dir": str(checkpoint_dir)})
+    extra = {"trainable": trainable} if args.kind == "lora" else {}
+
+    def step(batch):
+        recipe["train_step"](cfg, model, [batch], optimizer=optimizer, lr_scheduler=scheduler,
+                             device=torch.device("cpu"), step=0, epoch=0, **extra)
     for batch in batches[:args.warmup]:
         step(batch)
     wall, cpu = [time.perf_counter()], [time.process_time()]

@@ -34,10 +34,20 @@ from tunekit.generation import generate_ids, load_inference_model
 from tunekit.training.data_loaders import eval_loader
 from tunekit.training.device import get_device, get_dtype
 from tunekit.modules.cross_entropy import count_label_tokens
-from tunekit.training.recipe_checks import check_positive_ints
+from tunekit.config.schema import Component, Int, Str
+from tunekit.models.vocabulary import check_tokenizer_fits
+from tunekit.training.device import device_problem
+from tunekit.training.recipe_config import DTYPES
 from tunekit.training.train_step import evaluate_loss
 
 log = logging.getLogger("tunekit.recipes.evaluate")
+
+# Every key this recipe reads; `tunekit validate` checks a config against it (docs/generation.md).
+CONFIG = {
+    "output_dir": Str(), "checkpoint_dir": Str(), "adapter_dir": Str(nullable=True),
+    "device": Str(check=device_problem), "dtype": Str(choices=DTYPES), "model": Component(),
+    "tokenizer": Component(), "dataset": Component(), "batch_size": Int(min=1), "max_new_tokens": Int(min=1),
+}
 
 
 def prompts_and_references(dataset, tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -72,20 +82,20 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], *, batch_size: in
 
 def main(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_positive_ints(cfg, "batch_size", "max_new_tokens", "loss_chunks")
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
 
     model = load_inference_model(cfg, device=device, dtype=dtype)  # sets cfg.checkpoint_dir to the model folder
     log.info(f"model: {cfg.checkpoint_dir}" + (f" + adapter {cfg.adapter_dir}" if cfg.adapter_dir is not None else ""))
     tokenizer = instantiate(cfg.tokenizer)
+    check_tokenizer_fits(tokenizer, model, model_source=cfg.checkpoint_dir)
     dataset = instantiate(cfg.dataset, tokenizer)
     if len(dataset) == 0:
         raise ConfigError(f"dataset: {cfg.dataset.source} holds no examples")
 
     start = time.perf_counter()
     loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=0)
-    loss = evaluate_loss(model, loader, device=device, loss_chunks=cfg.loss_chunks)
+    loss = evaluate_loss(model, loader, device=device)
     num_label_tokens = sum(count_label_tokens(batch["labels"]) for batch in loader)
     prompts, references = prompts_and_references(dataset, tokenizer)
     answers = greedy_answers(model, tokenizer, prompts, batch_size=cfg.batch_size,
@@ -110,4 +120,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     with tunekit.config.user_errors():
-        main(tunekit.config.parse(sys.argv[1:]))
+        main(tunekit.config.parse(sys.argv[1:], CONFIG))

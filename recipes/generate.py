@@ -19,12 +19,24 @@ import time
 import torch
 
 import tunekit.config
-from tunekit.config import ConfigError, instantiate
+from tunekit.config import instantiate
 from tunekit.generation import check_sampling_args, generate_ids, load_inference_model
 from tunekit.training.device import get_device, get_dtype
-from tunekit.training.recipe_checks import check_positive_ints
+from tunekit.config.schema import Bool, Component, Float, Int, Str
+from tunekit.models.vocabulary import check_tokenizer_fits
+from tunekit.training.device import device_problem
+from tunekit.training.recipe_config import DTYPES
 
 log = logging.getLogger("tunekit.recipes.generate")
+
+# Every key this recipe reads; `tunekit validate` checks a config against it (docs/generation.md).
+CONFIG = {
+    "checkpoint_dir": Str(), "adapter_dir": Str(nullable=True), "device": Str(check=device_problem),
+    "dtype": Str(choices=DTYPES), "seed": Int(min=0), "model": Component(), "tokenizer": Component(),
+    "prompt": Str(check=lambda v: None if v else "must not be empty"), "chat": Bool(),
+    "system_prompt": Str(nullable=True), "max_new_tokens": Int(min=1), "temperature": Float(min=0),
+    "top_k": Int(min=1, nullable=True), "top_p": Float(min=0, min_exclusive=True, max=1, nullable=True),
+}
 
 
 def prompt_tokens(cfg, tokenizer) -> list[int]:
@@ -41,17 +53,14 @@ def prompt_tokens(cfg, tokenizer) -> list[int]:
 
 def main(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    check_positive_ints(cfg, "max_new_tokens")
     check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p)
-    if not isinstance(cfg.prompt, str) or not cfg.prompt:
-        raise ConfigError(f"config key prompt must be a non-empty string, got {cfg.prompt!r}; quote it on the command "
-                         """line when it holds ': ' or is a number: 'prompt="Counting: one two"'""")
     device = get_device(cfg.device)
     dtype = get_dtype(cfg.dtype, device)
 
     model = load_inference_model(cfg, device=device, dtype=dtype)  # sets cfg.checkpoint_dir to the model folder
     log.info(f"model: {cfg.checkpoint_dir}" + (f" + adapter {cfg.adapter_dir}" if cfg.adapter_dir is not None else ""))
     tokenizer = instantiate(cfg.tokenizer)
+    check_tokenizer_fits(tokenizer, model, model_source=cfg.checkpoint_dir)
 
     tokens = prompt_tokens(cfg, tokenizer)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -67,4 +76,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     with tunekit.config.user_errors():
-        main(tunekit.config.parse(sys.argv[1:]))
+        main(tunekit.config.parse(sys.argv[1:], CONFIG))

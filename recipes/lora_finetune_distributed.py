@@ -28,37 +28,49 @@ from torch import nn
 
 import tunekit.config
 from tunekit.config import instantiate
+from tunekit.models.vocabulary import check_tokenizer_fits
+from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.checkpoint_files import write_lora_model
-from tunekit.training.data_loaders import count_training_steps, train_loader
 from tunekit.training.cpu_allocator import keep_freed_cpu_memory
+from tunekit.training.data_loaders import count_training_steps, train_loader
 from tunekit.training.device import get_device, get_dtype
+from tunekit.training.evaluation import build_eval_loaders, evaluate_all
+from tunekit.training.fsdp import gather_full_state_dict, no_grad_sync, shard_from_rank0
+from tunekit.training.interrupt import stop_on_interrupt
+from tunekit.training.metric_logging import rank_zero_metric_logger
 from tunekit.training.process_group import (
     any_rank,
-    destroy_distributed,
-    exit_after_clean_run,
+    global_token_count,
     init_distributed,
     local_device,
     log_rank_zero,
+    run_distributed_recipe,
+    sum_over_ranks,
 )
-from tunekit.training.fsdp import gather_full_state_dict, shard_from_rank0
-from tunekit.training.metric_logging import rank_zero_metric_logger
-from tunekit.training.evaluation import build_eval_loaders, evaluate_all
-from tunekit.training.interrupt import stop_on_interrupt
+from tunekit.training.recipe_config import FSDP, LORA, MODEL_AND_DATA_KEYS, RUN_KEYS, TRAINING_LOOP_KEYS
 from tunekit.training.recipe_models import (
     build_lora_model,
     lora_architecture,
     lora_model_from_state_dict,
     quantize_lora_bases,
 )
-from tunekit.training.recipe_checks import check_positive_ints
-from tunekit.training.resume import restore_sharded_training_state, save_sharded_training_state
+from tunekit.training.resume import restore_sharded_training_state, resume_dir_of, save_sharded_training_state
 from tunekit.training.rng import set_seed
 from tunekit.training.sampler import ResumableSampler
-from tunekit.checkpoint.step_folders import checkpoint_to_resume
 from tunekit.training.step_checkpoints import save_step_checkpoint
-from tunekit.training.train_step import optimizer_step, training_steps
+from tunekit.training.train_step import (
+    check_finite_step,
+    clip_gradients,
+    move_batch,
+    step_metrics,
+    step_started,
+    training_steps,
+)
 
 log = logging.getLogger("tunekit.recipes.lora_finetune_distributed")
+
+# Every key this recipe reads; `tunekit validate` checks a config against it (docs/recipes.md).
+CONFIG = {**RUN_KEYS, **MODEL_AND_DATA_KEYS, "lora": LORA, **TRAINING_LOOP_KEYS, "fsdp": FSDP}
 
 
 def build_model(cfg, device: torch.device, dtype: torch.dtype, rank: int) -> nn.Module:
@@ -83,17 +95,45 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype, rank: int) -> nn.
     return model
 
 
+def train_step(cfg, model: nn.Module, micro_batches: list, *, trainable: list, optimizer, lr_scheduler,
+               device: torch.device, step: int, epoch: int) -> dict:
+    """One data-parallel optimizer step: forward + summed token loss and backward for each
+    micro-batch, divided by the labelled tokens of the step on ALL ranks (so the summed gradients
+    equal the single-device mean); gradients are reduced across ranks once, on the last
+    micro-batch. Then clip (global norm), stop if anything is non-finite (every rank sees the same
+    global loss and norm), update the adapters and the lr. Returns the step's metrics (all ranks)."""
+    started = step_started(device)
+    num_tokens = global_token_count([b["labels"] for b in micro_batches])  # collective
+    loss = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = move_batch(batch, device)
+        with offload_activations(device, enabled=cfg.activation_offloading):
+            micro_loss = model(batch["tokens"], labels=batch["labels"], mask=batch.get("mask"),
+                               input_pos=batch.get("input_pos")) / num_tokens
+        with no_grad_sync(model, enabled=i < len(micro_batches) - 1):
+            micro_loss.backward()
+        loss += micro_loss.detach()
+    grad_norm = clip_gradients(trainable, cfg.max_grad_norm)
+    (step_loss,) = sum_over_ranks(loss.item())
+    check_finite_step(step, loss=step_loss, grad_norm=grad_norm, model=model, output_dir=cfg.output_dir)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = lr_scheduler.get_last_lr()[0]
+    lr_scheduler.step()
+    return step_metrics(started, micro_batches, loss=step_loss, lr=lr, grad_norm=grad_norm, epoch=epoch,
+                        device=device)
+
+
 def save_checkpoint(cfg, model: nn.Module, step: int, progress: dict) -> Path:
     """``step_<N>/`` as the single-device recipe writes it (merged HF model and PEFT ``adapter/``,
     from rank 0) with sharded resume state from every rank, committed atomically by rank 0."""
 
     def write(folder: Path) -> None:
         full = gather_full_state_dict(model)  # collective; CPU tensors on rank 0 only
-        if full:
+        save_sharded_training_state(folder, model=model, trainable_only=True, **progress)  # collective
+        if full:  # rank 0 writes last, so a failure here cannot leave the other ranks in a collective
             write_lora_model(folder, lora_model_from_state_dict(cfg.checkpoint_dir, cfg.lora, full),
                              cfg.checkpoint_dir)
-        del full
-        save_sharded_training_state(folder, model=model, trainable_only=True, **progress)
 
     path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n)
     log_rank_zero(log, f"saved {path}")
@@ -102,15 +142,13 @@ def save_checkpoint(cfg, model: nn.Module, step: int, progress: dict) -> Path:
 
 def main(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_positive_ints(cfg, "batch_size", "gradient_accumulation_steps", "epochs", "loss_chunks", "eval_every_n_steps",
-                        "save_every_n_steps", "log_every_n_steps", optional=("max_steps", "eval_max_batches", "keep_last_n"))
     device = get_device(cfg.device)
     if device.type == "cpu":
         keep_freed_cpu_memory()  # reuse freed activations instead of page-faulting fresh ones each step
     dtype = get_dtype(cfg.dtype, device)
     rank, world_size = init_distributed(device)
     device = local_device(device)
-    resume_dir = checkpoint_to_resume(cfg.output_dir, cfg.resume)
+    resume_dir = resume_dir_of(cfg.output_dir, resume=cfg.resume, resume_from=cfg.resume_from)
     set_seed(cfg.seed)
 
     model = build_model(cfg, device, dtype, rank)
@@ -118,6 +156,7 @@ def main(cfg) -> None:
     log_rank_zero(log, f"{world_size} processes; trainable parameters: {sum(p.numel() for p in trainable):,}")
 
     tokenizer = instantiate(cfg.tokenizer)
+    check_tokenizer_fits(tokenizer, model, model_source=cfg.checkpoint_dir)
     train_set = instantiate(cfg.dataset, tokenizer)
     sampler = ResumableSampler(len(train_set), rank=rank, world_size=world_size, shuffle=cfg.shuffle, seed=cfg.seed)
     loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
@@ -145,13 +184,10 @@ def main(cfg) -> None:
         batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                  step=step, epoch=epoch, total_steps=total_steps)
         for step, epoch, consumed, micro_batches in batches:
-            metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
-                                     lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
-                                     max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
-            metrics["epoch"] = epoch
+            metrics = train_step(cfg, model, micro_batches, trainable=trainable, optimizer=optimizer,
+                                 lr_scheduler=lr_scheduler, device=device, step=step, epoch=epoch)
             if step % cfg.eval_every_n_steps == 0 or step == total_steps:
-                metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
-                                            max_batches=cfg.eval_max_batches))
+                metrics.update(evaluate_all(model, eval_sets, device=device, max_batches=cfg.eval_max_batches))
             logger.log(step, metrics)
             stopping = any_rank(stop.is_set)  # every rank must take the same branch
             if step % cfg.save_every_n_steps == 0 or step == total_steps or stopping:
@@ -165,9 +201,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        with tunekit.config.user_errors():
-            main(tunekit.config.parse(sys.argv[1:]))
-    finally:
-        destroy_distributed()
-    exit_after_clean_run()  # skips a rare gloo abort in interpreter finalization (see its docstring)
+    # errors as one line on every rank; leaves without interpreter finalization (a rare gloo abort there)
+    run_distributed_recipe(lambda: main(tunekit.config.parse(sys.argv[1:], CONFIG)))

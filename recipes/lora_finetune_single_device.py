@@ -20,26 +20,39 @@ import torch
 from torch import nn
 
 import tunekit.config
+from tunekit.checkpoint.step_folders import load_recipe_state, save_recipe_state
 from tunekit.config import instantiate
+from tunekit.models.vocabulary import check_tokenizer_fits
 from tunekit.modules.peft import load_peft_adapter
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
+from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.checkpoint_files import ADAPTER_DIR, write_lora_model
-from tunekit.training.data_loaders import count_training_steps, train_loader
 from tunekit.training.cpu_allocator import keep_freed_cpu_memory
+from tunekit.training.data_loaders import count_training_steps, train_loader
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.evaluation import build_eval_loaders, evaluate_all
 from tunekit.training.interrupt import stop_on_interrupt
-from tunekit.training.recipe_models import build_lora_model
 from tunekit.training.metric_logging import MetricLogger
-from tunekit.training.recipe_checks import check_positive_ints
-from tunekit.training.resume import restore_training_state, training_state
+from tunekit.training.recipe_config import FSDP, LORA, MODEL_AND_DATA_KEYS, RUN_KEYS, TRAINING_LOOP_KEYS
+from tunekit.training.recipe_models import build_lora_model
+from tunekit.training.resume import restore_training_state, resume_dir_of, training_state
 from tunekit.training.rng import set_seed
 from tunekit.training.sampler import ResumableSampler
-from tunekit.checkpoint.step_folders import checkpoint_to_resume, load_recipe_state, save_recipe_state
 from tunekit.training.step_checkpoints import save_step_checkpoint
-from tunekit.training.train_step import optimizer_step, training_steps
+from tunekit.training.train_step import (
+    check_finite_step,
+    clip_gradients,
+    label_token_count,
+    move_batch,
+    step_metrics,
+    step_started,
+    training_steps,
+)
 
 log = logging.getLogger("tunekit.recipes.lora_finetune_single_device")
+
+# Every key this recipe reads; `tunekit validate` checks a config against it (docs/recipes.md).
+CONFIG = {**RUN_KEYS, **MODEL_AND_DATA_KEYS, "lora": LORA, **TRAINING_LOOP_KEYS, "fsdp": FSDP}
 
 
 def build_model(cfg, device: torch.device, dtype: torch.dtype, resume_dir: Path | None) -> nn.Module:
@@ -53,6 +66,31 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype, resume_dir: Path 
         for layer in model.layers:  # per layer: compiles once, reused by every layer of the same shape
             layer.compile()
     return model
+
+
+def train_step(cfg, model: nn.Module, micro_batches: list, *, trainable: list, optimizer, lr_scheduler,
+               device: torch.device, step: int, epoch: int) -> dict:
+    """One optimizer step: forward + summed token loss and backward for each micro-batch (the loss
+    divided by the step's labelled tokens, so the gradients add up to the mean over all of them),
+    clip, stop if anything is non-finite, update the adapters and the lr. Returns the step's metrics."""
+    started = step_started(device)
+    num_tokens = label_token_count(micro_batches)
+    loss = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = move_batch(batch, device)
+        with offload_activations(device, enabled=cfg.activation_offloading):
+            micro_loss = model(batch["tokens"], labels=batch["labels"], mask=batch.get("mask"),
+                               input_pos=batch.get("input_pos")) / num_tokens
+        micro_loss.backward()
+        loss += micro_loss.detach()
+    grad_norm = clip_gradients(trainable, cfg.max_grad_norm)
+    check_finite_step(step, loss=loss.item(), grad_norm=grad_norm, model=model, output_dir=cfg.output_dir)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = lr_scheduler.get_last_lr()[0]
+    lr_scheduler.step()
+    return step_metrics(started, micro_batches, loss=loss.item(), lr=lr, grad_norm=grad_norm, epoch=epoch,
+                        device=device)
 
 
 def save_checkpoint(cfg, model: nn.Module, step: int, state: dict) -> Path:
@@ -69,13 +107,11 @@ def save_checkpoint(cfg, model: nn.Module, step: int, state: dict) -> Path:
 
 def main(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_positive_ints(cfg, "batch_size", "gradient_accumulation_steps", "epochs", "loss_chunks", "eval_every_n_steps",
-                        "save_every_n_steps", "log_every_n_steps", optional=("max_steps", "eval_max_batches", "keep_last_n"))
     device = get_device(cfg.device)
     if device.type == "cpu":
         keep_freed_cpu_memory()  # reuse freed activations instead of page-faulting fresh ones each step
     dtype = get_dtype(cfg.dtype, device)
-    resume_dir = checkpoint_to_resume(cfg.output_dir, cfg.resume)
+    resume_dir = resume_dir_of(cfg.output_dir, resume=cfg.resume, resume_from=cfg.resume_from)
     set_seed(cfg.seed)
 
     model = build_model(cfg, device, dtype, resume_dir)
@@ -84,6 +120,7 @@ def main(cfg) -> None:
              f"{sum(p.numel() for p in model.parameters()):,}")
 
     tokenizer = instantiate(cfg.tokenizer)
+    check_tokenizer_fits(tokenizer, model, model_source=cfg.checkpoint_dir)
     train_set = instantiate(cfg.dataset, tokenizer)
     sampler = ResumableSampler(len(train_set), shuffle=cfg.shuffle, seed=cfg.seed)
     loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
@@ -108,13 +145,10 @@ def main(cfg) -> None:
         batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                  step=step, epoch=epoch, total_steps=total_steps)
         for step, epoch, consumed, micro_batches in batches:
-            metrics = optimizer_step(model, micro_batches, parameters=trainable, optimizer=optimizer,
-                                     lr_scheduler=lr_scheduler, device=device, loss_chunks=cfg.loss_chunks,
-                                     max_grad_norm=cfg.max_grad_norm, offload=cfg.activation_offloading)
-            metrics["epoch"] = epoch
+            metrics = train_step(cfg, model, micro_batches, trainable=trainable, optimizer=optimizer,
+                                 lr_scheduler=lr_scheduler, device=device, step=step, epoch=epoch)
             if step % cfg.eval_every_n_steps == 0 or step == total_steps:
-                metrics.update(evaluate_all(model, eval_sets, device=device, loss_chunks=cfg.loss_chunks,
-                                            max_batches=cfg.eval_max_batches))
+                metrics.update(evaluate_all(model, eval_sets, device=device, max_batches=cfg.eval_max_batches))
             logger.log(step, metrics)
             if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set:
                 state = training_state(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -128,4 +162,4 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     with tunekit.config.user_errors():
-        main(tunekit.config.parse(sys.argv[1:]))
+        main(tunekit.config.parse(sys.argv[1:], CONFIG))

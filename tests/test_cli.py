@@ -38,11 +38,11 @@ def builtin(tmp_path, monkeypatch):
     root = tmp_path / "recipes"
     (root / "configs" / "fam").mkdir(parents=True)
     (root / "lora_single_device.py").write_text(TOY_RECIPE.read_text())
-    (root / "lora_distributed.py").write_text("print('distributed')\n")
+    (root / "lora_distributed.py").write_text("if __name__ == '__main__':\n    print('distributed')\n")
     (root / "_shared.py").write_text("")
     (root / "configs" / "fam" / "lora.yaml").write_text(
         "# A LoRA config.\n# recipe: lora_single_device\n#   recipe: lora_distributed\n"
-        + TOY_CONFIG.read_text())
+        + "".join(line for line in TOY_CONFIG.read_text().splitlines(keepends=True) if "recipe:" not in line))
     (root / "configs" / "fam" / "orphan.yaml").write_text("# nothing\nx: 1\n# recipe: ignored_after_yaml\n")
     monkeypatch.setattr(tunekit._paths, "recipes_dir", lambda: root)
     monkeypatch.setattr(tunekit._paths, "configs_dir", lambda: root / "configs")
@@ -95,7 +95,8 @@ def test_cat_prints_resolved_config(builtin, capsys):
 
 def test_validate_ok_and_problems(builtin, capsys):
     assert run_cli("validate", "fam/lora", "output_path=/tmp/x") == 0
-    assert capsys.readouterr().out == "fam/lora: config is valid\n"
+    # lora_distributed declares no CONFIG (a forked recipe can): only lora_single_device's keys are checked
+    assert capsys.readouterr().out == "fam/lora: config is valid for lora_single_device\n"
     assert run_cli("validate", "fam/lora", "optimizer.lrr=1") == 2
     err = capsys.readouterr().err
     assert err.startswith("tunekit: error: fam/lora: 2 problems\n")
@@ -114,6 +115,11 @@ def test_validate_ok_and_problems(builtin, capsys):
     (["run", "--nproc_per_nod", "2", "lora_distributed", "--config", "fam/lora"],
      "unknown torchrun option --nproc_per_nod; did you mean --nproc_per_node?"),
     (["run", "./missing.py", "--config", "fam/lora"], "recipe file ./missing.py not found"),
+    (["validate", "fam/lora", "output_path=x", "+stepz=3"],
+     "stepz: not a key this recipe reads (it would be ignored); did you mean steps?"),
+    (["validate", "fam/lora", "output_path=x", "steps=0"], "steps: expected a positive integer, got 0"),
+    (["run", "lora_single_device", "--config", "fam/lora", "output_path=x", "batch_size=abc"],
+     "batch_size: expected a positive integer, got 'abc'"),
 ])
 def test_user_errors_are_one_line(builtin, capsys, argv, message):
     assert run_cli(*argv) == 2
@@ -146,8 +152,9 @@ def test_run_torchrun_exit_code_propagates(tmp_path):
     recipe.write_text("import sys\nsys.exit(3)\n")
     proc = tunekit_subprocess("run", "--nproc-per-node=1", "--standalone", recipe, "--config", TOY_CONFIG,
                               "output_path=x.json")
-    assert proc.returncode == 1  # torchrun's code for a failed worker
-    assert "fails_distributed.py FAILED" in proc.stderr
+    assert proc.returncode == 1  # torchrun's code for a failed worker (2 is kept for user errors)
+    assert "tunekit: error: fails_distributed.py failed on rank 0 (exit code 3)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_errors_in_a_subprocess_one_line_or_traceback_with_debug():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from tunekit.checkpoint.errors import CheckpointError
 from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.process_group import (
     destroy_distributed,
@@ -253,7 +254,7 @@ def test_one_process_group_without_torchrun_and_errors(tmp_path, monkeypatch):
         destroy_distributed()
         torch.set_num_threads(threads)
     assert not is_distributed()
-    with pytest.raises(FileNotFoundError, match="not a complete sharded checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete sharded recipe state"):
         load_sharded_state(tmp_path, TinyDecoder(), torch.optim.SGD(TinyDecoder().parameters(), lr=0.1))
 
 

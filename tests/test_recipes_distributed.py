@@ -40,12 +40,15 @@ def overrides(model_dir, data_dir, out, *extra):
 
 
 
-def launch(torchrun_args, recipe, config, args, log_path, new_session=False):
+def launch(torchrun_args, recipe, config, args, log_path, new_session=False, test_modules=False):
     """`tunekit run <torchrun_args> <recipe> --config <config> <args>` in the background, output to
-    a file; ``new_session``: in its own process group, as a terminal's foreground job."""
+    a file; ``new_session``: in its own process group, as a terminal's foreground job;
+    ``test_modules``: this folder's modules (tests/nan_gradient.py) importable in every process."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
+    if test_modules:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "tunekit.cli.main", "run", *torchrun_args, recipe, "--config", config, *args]
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
@@ -103,7 +106,7 @@ def _all_runs(tiny_run, qlora_model, tmp_path_factory, attempt):
     ckpt, data = tiny_run
     root = tmp_path_factory.mktemp(f"dist_runs{attempt}_")
     r = {name: root / name for name in ("lora2", "full2", "qlora_nodes", "lora_2to2", "lora_2to1", "lora_1to2",
-                                        "ref_lora", "ref_full", "ref_qlora")}
+                                        "ref_lora", "ref_full", "ref_qlora", "nan")}
     # wave 1: LoRA and full fine-tuning on 2 processes; QLoRA on two 1-process "nodes" (c10d rendezvous)
     procs = [
         (launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
@@ -132,9 +135,14 @@ def _all_runs(tiny_run, qlora_model, tmp_path_factory, attempt):
     wait(procs)
 
     # wave 2: resume the LoRA run from its sharded step_2 on 2 processes and on 1; the 1-process run
-    # also saves step 3 for wave 3
+    # also saves step 3 for wave 3. And the LoRA run again with a gradient made NaN during step 3
+    # (a backward hook of the model builder, on rank 0 only: the reduction spreads it)
     copy_checkpoint(r["lora2"], 2, r["lora_2to2"])
     copy_checkpoint(r["lora2"], 2, r["lora_2to1"])
+    nan_run = launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
+                     overrides(ckpt, data, r["nan"], *LORA, "batch_size=1",
+                               "model._component_=nan_gradient.from_hf_with_nan_gradient", "+model.nan_at_backward=5"),
+                     root / "nan.log", test_modules=True)
     procs = [
         (launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
                 overrides(ckpt, data, r["lora_2to2"], *LORA, "batch_size=1", "resume=true"), root / "r22.log"),
@@ -144,11 +152,17 @@ def _all_runs(tiny_run, qlora_model, tmp_path_factory, attempt):
                 root / "r21.log"), root / "r21.log"),
     ]
     wait(procs)
-    # wave 3: resume the step_3 written by 1 process on 2 processes; meanwhile a long DoRA run gets
+    nan_run.wait(timeout=LAUNCH_TIMEOUT)
+    r["nan_returncode"] = nan_run.returncode
+    r["nan_steps_before_resume"] = sorted(p.name for p in r["nan"].glob("step_*"))
+    # wave 3: resume the step_3 written by 1 process on 2 processes, and the NaN run from its step_2
+    # with the plain model; meanwhile a long DoRA run gets
     # a Ctrl-C (SIGINT to its whole process group, as a terminal sends it)
     copy_checkpoint(r["lora_2to1"], 3, r["lora_1to2"])
     resumed = launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
                      overrides(ckpt, data, r["lora_1to2"], *LORA, "batch_size=1", "resume=true"), root / "r12.log")
+    nan_resumed = launch(two_procs(), "lora_finetune_distributed", "tiny/lora",
+                         overrides(ckpt, data, r["nan"], *LORA, "batch_size=1", "resume=true"), root / "nan_resumed.log")
     r["ctrl_c"] = root / "ctrl_c"
     long_run = launch(two_procs(), "lora_finetune_distributed", "tiny/dora",
                       overrides(ckpt, data, r["ctrl_c"], *LORA, "batch_size=1", "max_steps=1000", "save_every_n_steps=1000",
@@ -168,7 +182,7 @@ def _all_runs(tiny_run, qlora_model, tmp_path_factory, attempt):
         send(proc.pid)
     long_run.wait(timeout=LAUNCH_TIMEOUT)
     long_full.wait(timeout=LAUNCH_TIMEOUT)
-    wait([(resumed, root / "r12.log")])
+    wait([(resumed, root / "r12.log"), (nan_resumed, root / "nan_resumed.log")])
     return r
 
 
@@ -294,3 +308,18 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_a_saved_step(runs):
     assert saved == [f"step_{last}"] and last < 1000
     assert (runs["sigterm"] / f"step_{last}" / "model.safetensors").is_file()
     assert (runs["sigterm"] / f"step_{last}" / "recipe_state" / ".metadata").is_file()
+
+
+def test_a_nan_gradient_stops_every_rank_at_its_step_and_the_last_checkpoint_resumes(runs):
+    """A gradient made NaN during step 3 on rank 0 (2 micro-batches per step: the 5th backward):
+    every rank stops at step 3 with one error line and exit code 2, before the update; step_2 is
+    intact, and resuming from it gives the uninterrupted run's losses exactly."""
+    log = (runs["nan"].parent / "nan.log").read_text()
+    assert runs["nan_returncode"] == 2, log[-3000:]  # every rank exited 2: a user-facing error
+    errors = [line for line in log.splitlines() if "tunekit: error:" in line]
+    assert len(errors) == 3, log[-3000:]  # one per rank, then the launcher's summary
+    assert all("step 3: loss " in e and "gradient norm nan" in e for e in errors[:2]), errors
+    assert "lora_finetune_distributed.py failed on rank 0 (exit code 2), rank 1 (exit code 2)" in errors[2]
+    assert "Traceback" not in log
+    assert runs["nan_steps_before_resume"] == ["step_2"]
+    assert [r["loss"] for r in read_metrics(runs["nan"])] == losses(runs["lora2"])

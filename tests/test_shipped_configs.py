@@ -5,7 +5,7 @@ import pytest
 from tunekit import _paths
 from tunekit.cli.main import main
 from tunekit.config import load, validate
-from tunekit.config.catalog import config_recipes
+from tunekit.config.catalog import config_recipes, recipe_schema
 
 CONFIG_FILES = sorted(_paths.configs_dir().rglob("*.yaml"))
 RECIPE_FILES = sorted(p for p in _paths.recipes_dir().glob("*.py") if not p.name.startswith("_"))
@@ -16,8 +16,17 @@ def config_id(path):
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=config_id)
-def test_shipped_config_validates(path):
-    validate(load(path), source=str(path))
+def test_shipped_config_validates_against_every_recipe_it_names(path):
+    """Every key each named recipe reads is there with a valid value, and no key is ignored."""
+    schemas = [(name, recipe_schema(_paths.recipes_dir() / f"{name}.py")) for name in config_recipes(path)]
+    assert all(schema is not None for _, schema in schemas), "every shipped recipe declares its CONFIG"
+    validate(load(path), schemas=schemas, source=str(path))
+
+
+def test_every_shipped_recipe_declares_its_keys():
+    for recipe in RECIPE_FILES:
+        schema = recipe_schema(recipe)
+        assert schema and all(isinstance(k, str) for k in schema), recipe
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=config_id)

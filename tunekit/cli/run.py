@@ -4,7 +4,8 @@ Without torchrun options the recipe runs in this process, as `python <recipe> --
 would. With them (every option before the recipe, e.g. `--nproc_per_node 2 --standalone`) it is
 handed to `python -m torch.distributed.run` (this process execs it); only `*_distributed.py`
 recipes accept them.
-The config is loaded and validated first, so a typo fails in a second, not after the launch.
+The config is loaded and validated first against the keys the recipe reads (its ``CONFIG``), so
+a typo fails in a second, not after the launch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from tunekit.cli.errors import UsageError
 from tunekit.config import load, validate
-from tunekit.config.catalog import builtin_recipes, find_config, find_recipe
+from tunekit.config.catalog import builtin_recipes, find_config, find_recipe, recipe_schema
 from tunekit.config.errors import did_you_mean
 from tunekit.config.loading import split_config_arg
 
@@ -95,11 +96,12 @@ def run(args: argparse.Namespace) -> int:
                          f"for {' '.join(torchrun_opts)}")
     config, overrides = split_config_arg(rest)
     config_path = find_config(config)
-    validate(load(config_path, overrides), source=config)
+    validate(load(config_path, overrides), schema=recipe_schema(recipe), source=config)
     recipe_argv = ["--config", str(config_path), *overrides]
     if not torchrun_opts:
         return _run_in_process(recipe, recipe_argv)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_opts, str(recipe), *recipe_argv]
+    # torchrun itself, in tunekit.cli.launch: failed ranks end in one error line, not a traceback
+    cmd = [sys.executable, "-m", "tunekit.cli.launch", *torchrun_opts, str(recipe), *recipe_argv]
     # This process becomes torchrun: a signal sent to the process the user started (Ctrl-C, a
     # scheduler's or `kill`'s SIGTERM) reaches torchrun's agent itself, which hands it on to the
     # ranks and gives them 30 s to finish the step and save. A torchrun child would be orphaned,

@@ -10,8 +10,8 @@ from tunekit.config.instantiate import instantiate
 from tunekit.config.loading import load, parse
 from tunekit.config.overrides import apply_overrides
 from tunekit.config.resolvers import register_resolvers
-from tunekit.config.validate import validate
+from tunekit.config.validate import config_kwargs, validate
 
 register_resolvers()  # ${asset:...} works in configs created directly with OmegaConf too
 
-__all__ = ["ConfigError", "MissingFileError", "UserError", "apply_overrides", "instantiate", "load", "parse", "user_errors", "validate"]
+__all__ = ["ConfigError", "MissingFileError", "UserError", "apply_overrides", "instantiate", "load", "parse", "config_kwargs", "user_errors", "validate"]

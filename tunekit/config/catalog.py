@@ -7,8 +7,13 @@ name the recipes it is written for, one ``# recipe: <name>`` line each.
 
 from __future__ import annotations
 
+import ast
 import re
+import runpy
+import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tunekit import _paths
 from tunekit.config.errors import ConfigError, did_you_mean
@@ -70,3 +75,23 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return builtin[str(name_or_path)]
     raise ConfigError(f"no built-in recipe named {name_or_path!r}{did_you_mean(str(name_or_path), builtin)} "
                       "(`tunekit ls` lists them; a path to a .py file works too)")
+
+
+def recipe_schema(recipe: Path) -> Mapping[str, Any] | None:
+    """The ``CONFIG`` a recipe file declares (the keys it reads, ``tunekit.config.schema``), found by
+    running the file's top level (its imports and definitions, not ``main``); None for a forked
+    recipe that declares none (then only its components are checked, and the file is not run)."""
+    tree = ast.parse(recipe.read_text(encoding="utf-8"), str(recipe))
+    declares = any(isinstance(node, (ast.Assign, ast.AnnAssign)) and "CONFIG" in
+                   [t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(t, ast.Name)] for node in tree.body)
+    if not declares:
+        return None
+    old_path = list(sys.path)
+    sys.path.insert(0, str(recipe.parent))  # as `python recipe.py` would: forked recipes may import a sibling
+    try:
+        namespace = runpy.run_path(str(recipe), run_name=f"tunekit_recipe_{recipe.stem}")
+    finally:
+        sys.path[:] = old_path
+    schema = namespace.get("CONFIG")
+    return schema if isinstance(schema, Mapping) else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -12,6 +12,7 @@ from tunekit.config.catalog import find_config
 from tunekit.config.errors import ConfigError, exit_on_user_error
 from tunekit.config.overrides import apply_overrides
 from tunekit.config.resolvers import register_resolvers
+from tunekit.config.schema import Spec
 from tunekit.config.validate import validate
 
 _USAGE = "usage: <recipe> --config <name|path.yaml> [key=value | ~key | +key=value ...]"
@@ -58,14 +59,15 @@ def split_config_arg(argv: Sequence[str]) -> tuple[str, list[str]]:
     return config, overrides
 
 
-def parse(argv: Sequence[str]) -> DictConfig:
-    """A recipe's command line -> validated config. Like ``argparse.parse_args``, a mistake prints
+def parse(argv: Sequence[str], schema: Mapping[str, Spec] | None = None) -> DictConfig:
+    """A recipe's command line -> validated config (against the recipe's ``schema``, the keys it
+    reads: ``tunekit.config.schema``). Like ``argparse.parse_args``, a mistake prints
     ``tunekit: error: ...`` and exits with code 2 (``TUNEKIT_DEBUG=1`` shows the traceback).
 
-    Recipes end with ``if __name__ == "__main__": main(tunekit.config.parse(sys.argv[1:]))``.
+    Recipes end with ``main(tunekit.config.parse(sys.argv[1:], CONFIG))``.
     """
     with exit_on_user_error(ConfigError):
         config, overrides = split_config_arg(argv)
         cfg = load(config, overrides)
-        validate(cfg, source=config)
+        validate(cfg, schema=schema, source=config)
         return cfg

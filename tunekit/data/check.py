@@ -17,7 +17,7 @@ Without a tokenizer, lengths are counted in whitespace-separated words.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 

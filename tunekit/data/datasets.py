@@ -9,12 +9,15 @@ pass to ``DataLoader(collate_fn=...)``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from tunekit.config.errors import UserError
+from tunekit.config.validate import config_kwargs
 from tunekit.data.collate import padded_collate, preference_collate
 from tunekit.data.errors import DataError
 from tunekit.data.labels import shift_labels
@@ -26,7 +29,7 @@ from tunekit.data.messages import (
     ShareGPTToMessages,
     TextToDocument,
 )
-from tunekit.data.sources import load_rows
+from tunekit.data.sources import HF_LOAD_KWARGS, load_rows
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +190,19 @@ def _open(source, split: str, val_fraction: float, seed: int, text_split: str, h
     to split by file."""
     if isinstance(source, Mapping):
         if split not in source:
-            raise ValueError(f"split {split!r} not in the source dict (keys: {', '.join(source)})")
-        rows = load_rows(source[split], text_split=text_split, **hf_kwargs)
+            raise DataError(f"split {split!r} is not a key of the source mapping (keys: {', '.join(source)}); "
+                            "set split to one of them")
+        rows = _nonempty(load_rows(source[split], text_split=text_split, **hf_kwargs), source[split])
         return rows, np.arange(len(rows))
-    rows = load_rows(source, text_split=text_split, **hf_kwargs)
+    rows = _nonempty(load_rows(source, text_split=text_split, **hf_kwargs), source)
     return rows, split_indices(len(rows), split, val_fraction, seed)
+
+
+def _nonempty(rows: Sequence, source) -> Sequence:
+    if len(rows) == 0:  # caught here, naming the file, not as an empty sampler or loader later on
+        where = source if isinstance(source, (str, os.PathLike)) else getattr(rows, "name", "the source")
+        raise DataError("holds no examples (an empty file?); point the dataset's source at the data", where=str(where))
+    return rows
 
 
 def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, long_examples, split,
@@ -199,11 +210,11 @@ def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, l
     rows, indices = _open(source, split, val_fraction, seed, text_split, hf_kwargs)
     if not packed:
         if long_examples != "truncate":
-            raise ValueError("long_examples='split' needs packed=True (unpacked rows are truncated)")
+            raise UserError("long_examples='split' needs packed=True (unpacked rows are truncated)")
         return SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input,
                           max_seq_len=max_seq_len, indices=indices, skip_bad_rows=skip_bad_rows)
     if max_seq_len is None:
-        raise ValueError("packed=True needs max_seq_len (the length of a packed row)")
+        raise UserError("packed=True needs max_seq_len (the length of a packed row)")
     from tunekit.data.packing import pack_dataset  # packing imports this module
 
     base = SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input,
@@ -212,6 +223,7 @@ def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, l
                         num_workers=num_workers)
 
 
+@config_kwargs(*HF_LOAD_KWARGS)
 def instruct_dataset(tokenizer, source, *, format: str = "alpaca", column_map: Mapping[str, str] | None = None,
                      system_prompt: str | None = None, train_on_input: bool = False,
                      max_seq_len: int | None = None, packed: bool = False, long_examples: str = "truncate",
@@ -225,12 +237,13 @@ def instruct_dataset(tokenizer, source, *, format: str = "alpaca", column_map: M
     elif format == "input_output":
         transform = InputOutputToMessages(column_map, system_prompt)
     else:
-        raise ValueError(f"instruct_dataset format must be 'alpaca' or 'input_output', got {format!r}")
+        raise UserError(f"instruct_dataset format must be 'alpaca' or 'input_output', got {format!r}")
     return _sft(tokenizer, source, transform, train_on_input=train_on_input, max_seq_len=max_seq_len,
                 packed=packed, long_examples=long_examples, split=split, val_fraction=val_fraction,
                 seed=seed, skip_bad_rows=skip_bad_rows, text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
 
 
+@config_kwargs(*HF_LOAD_KWARGS)
 def chat_dataset(tokenizer, source, *, format: str = "openai", column_map: Mapping[str, str] | None = None,
                  train_on_input: bool = False, max_seq_len: int | None = None, packed: bool = False,
                  long_examples: str = "truncate", split: str = "train", val_fraction: float = 0.0,
@@ -240,13 +253,14 @@ def chat_dataset(tokenizer, source, *, format: str = "openai", column_map: Mappi
     ``"sharegpt"`` (``conversations`` with from/value)."""
     transforms = {"openai": OpenAIToMessages, "sharegpt": ShareGPTToMessages}
     if format not in transforms:
-        raise ValueError(f"chat_dataset format must be 'openai' or 'sharegpt', got {format!r}")
+        raise UserError(f"chat_dataset format must be 'openai' or 'sharegpt', got {format!r}")
     return _sft(tokenizer, source, transforms[format](column_map), train_on_input=train_on_input,
                 max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
                 val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
                 text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
 
 
+@config_kwargs(*HF_LOAD_KWARGS)
 def text_completion_dataset(tokenizer, source, *, column_map: Mapping[str, str] | None = None,
                             max_seq_len: int | None = None, packed: bool = False,
                             long_examples: str = "truncate", split: str = "train",
@@ -260,6 +274,7 @@ def text_completion_dataset(tokenizer, source, *, column_map: Mapping[str, str] 
                 text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
 
 
+@config_kwargs(*HF_LOAD_KWARGS)
 def preference_dataset(tokenizer, source, *, column_map: Mapping[str, str] | None = None,
                        train_on_input: bool = False, max_seq_len: int | None = None,
                        split: str = "train", val_fraction: float = 0.0, seed: int = 0,

@@ -226,6 +226,12 @@ def _require_datasets(what: str):
     return datasets
 
 
+# The keywords of datasets.load_dataset that dataset builders pass through from a config (their
+# **hf_kwargs): declared so that a misspelled builder argument is reported, not swallowed.
+HF_LOAD_KWARGS = ("hf_split", "name", "data_dir", "data_files", "revision", "cache_dir", "token",
+                  "trust_remote_code", "num_proc", "verification_mode", "keep_in_memory")
+
+
 def load_rows(source: str | os.PathLike | Sequence | Mapping, *, text_split: str = "file",
               hf_split: str = "train", **hf_kwargs) -> Sequence:
     """Open ``source`` as a row source.
@@ -251,8 +257,8 @@ def load_rows(source: str | os.PathLike | Sequence | Mapping, *, text_split: str
     if path.is_file():
         suffix = path.suffix.lower()
         if hf_kwargs and suffix != ".parquet":
-            raise TypeError(f"unexpected keyword argument(s) {', '.join(hf_kwargs)} for the local file "
-                            f"{path} (extra keywords only go to datasets.load_dataset for hub sources)")
+            raise DataError(f"argument(s) {', '.join(hf_kwargs)} apply to Hugging Face hub datasets only "
+                            "(datasets.load_dataset); remove them for a local file", where=str(path))
         if suffix == ".jsonl":
             return JsonlRows(path)
         if suffix == ".json":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tunekit.config.errors import UserError
 from tunekit.training.sampler import ResumableSampler
 
 
@@ -34,7 +35,7 @@ def count_training_steps(num_batches: int, *, gradient_accumulation_steps: int, 
     micro-batches per epoch; ``max_steps`` caps the total."""
     per_epoch = num_batches // gradient_accumulation_steps
     if per_epoch == 0:
-        raise ValueError(f"dataset: {num_batches} batches per epoch are fewer than gradient_accumulation_steps="
-                         f"{gradient_accumulation_steps}; lower batch_size or gradient_accumulation_steps")
+        raise UserError(f"dataset: {num_batches} batches per epoch are fewer than gradient_accumulation_steps="
+                        f"{gradient_accumulation_steps}; lower batch_size or gradient_accumulation_steps")
     total = epochs * per_epoch
     return per_epoch, total if max_steps is None else min(max_steps, total)

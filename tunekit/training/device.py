@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tunekit.config.errors import UserError
+
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -13,21 +15,33 @@ def get_device(name: str) -> torch.device:
         if torch.accelerator.is_available():
             return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device: unknown device {name!r}; use 'auto', 'cpu' or an accelerator like 'cuda'") from None
+    problem = device_problem(name)
+    if problem:
+        raise UserError(f"device={name}: {problem}")
+    device = torch.device(name)
     if device.type != "cpu" and not (torch.accelerator.is_available()
                                      and torch.accelerator.current_accelerator().type == device.type):
-        raise ValueError(f"device: {name!r} is not available on this machine; use device=cpu or device=auto")
+        raise UserError(f"device={name}: no {device.type} device is available on this machine; "
+                        "use device=cpu or device=auto")
     return device
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device name (None when it is one): the config check of ``device``."""
+    if name == "auto":
+        return None
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return "not a device name; use auto, cpu or an accelerator like cuda or cuda:1"
+    return None
 
 
 def get_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """``"fp32"`` or ``"bf16"`` -> torch dtype (bf16 is refused on a CUDA GPU without bf16 support)."""
     if name not in _DTYPES:
-        raise ValueError(f"dtype: unknown dtype {name!r}; use 'fp32' or 'bf16'")
+        raise UserError(f"dtype={name}: unknown dtype; use fp32 or bf16")
     dtype = _DTYPES[name]
     if dtype == torch.bfloat16 and device is not None and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("dtype: this GPU has no bf16 support; use dtype=fp32")
+        raise UserError("dtype=bf16: this GPU has no bf16 support; use dtype=fp32")
     return dtype

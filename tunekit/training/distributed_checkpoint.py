@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from tunekit.checkpoint.errors import CheckpointError
+from tunekit.checkpoint.step_folders import resume_hint
 from tunekit.training.process_group import get_world_size_and_rank, is_distributed
 
 EXTRA_FILE = "extra.pt"
@@ -65,19 +69,32 @@ def load_sharded_state(directory: str | os.PathLike, model: nn.Module,
     of processes, sharded or plain model) and return the ``extra`` dict. Pass the same
     ``trainable_only`` as when saving. Collective."""
     directory = Path(directory)
-    if not (directory / ".metadata").is_file() or not (directory / EXTRA_FILE).is_file():
-        raise FileNotFoundError(
-            f"load_sharded_state: {directory} is not a complete sharded checkpoint "
-            f"(needs .metadata and {EXTRA_FILE}); point resume at a folder written by save_sharded_state"
-        )
+    missing = [name for name in (".metadata", EXTRA_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: not a complete sharded recipe state (no {' or '.join(missing)}); "
+                              f"{resume_hint(directory.parent)}")
+    extra = _load_small_file(directory / EXTRA_FILE, directory)
     options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optim_state}
-    with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=directory, no_dist=not is_distributed())
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=directory, no_dist=not is_distributed())
+    except CheckpointException as e:  # DCP gathers every rank's read failure and raises it on all ranks
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "unreadable shards"
+        raise CheckpointError(f"{directory}: the sharded recipe state is unreadable ({first}); "
+                              f"{resume_hint(directory.parent)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=options)
-    return torch.load(directory / EXTRA_FILE, weights_only=True)
+    return extra
+
+
+def _load_small_file(path: Path, directory: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # torch.load's errors for a damaged file
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable ({first}); {resume_hint(directory.parent)}") from None
 
 
 def load_per_rank_state(directory: str | os.PathLike) -> dict | None:
@@ -85,4 +102,4 @@ def load_per_rank_state(directory: str | os.PathLike) -> dict | None:
     written by a different number of processes (per-rank state then has no counterpart)."""
     world_size, rank = get_world_size_and_rank()
     path = Path(directory) / _per_rank_file(rank, world_size)
-    return torch.load(path, weights_only=True) if path.is_file() else None
+    return _load_small_file(path, Path(directory)) if path.is_file() else None

@@ -18,9 +18,9 @@ def build_eval_loaders(datasets: dict, tokenizer, *, batch_size: int, num_worker
             for name, node in datasets.items() if node is not None}
 
 
-def evaluate_all(model: nn.Module, loaders: dict[str, DataLoader], *, device: torch.device, loss_chunks: int,
+def evaluate_all(model: nn.Module, loaders: dict[str, DataLoader], *, device: torch.device,
                  max_batches: int | None) -> dict[str, float]:
     """Mean token loss on each loader. Sharded models: every rank evaluates the same batches (FSDP
     needs every rank in each forward), so every rank gets the same numbers with no reduction."""
-    return {name: evaluate_loss(model, loader, device=device, loss_chunks=loss_chunks, max_batches=max_batches)
+    return {name: evaluate_loss(model, loader, device=device, max_batches=max_batches)
             for name, loader in loaders.items()}

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from tunekit.config.errors import UserError
 from tunekit.modules.rope import reset_rope_buffers
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
 from tunekit.training.process_group import (
@@ -196,7 +197,7 @@ def _check_nf4_shardable(model: nn.Module, world_size: int) -> None:
                   "second-level scale blocks": param.quantization_factor.numel()}
         bad = [f"{n} ({v})" for n, v in pieces.items() if v % world_size]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"shard_model: NF4 weight '{name}' {list(param.shape)} cannot be split across {world_size} "
                 f"ranks: its {', '.join(bad)} are not divisible by {world_size}; use a world size that "
                 "divides them or leave this layer unquantized"

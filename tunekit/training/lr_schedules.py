@@ -12,6 +12,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from tunekit.config.errors import UserError
+
 
 def _cosine_factor(step: int, num_warmup_steps: int, num_training_steps: int, num_cycles: float,
                    min_lr_ratio: float) -> float:
@@ -48,7 +50,7 @@ def constant_with_warmup(optimizer: torch.optim.Optimizer, num_warmup_steps: int
 
 def _check(num_warmup_steps: int, num_training_steps: int | None) -> None:
     if num_warmup_steps < 0:
-        raise ValueError(f"lr_scheduler.num_warmup_steps must be >= 0, got {num_warmup_steps}")
+        raise UserError(f"lr_scheduler.num_warmup_steps must be >= 0, got {num_warmup_steps}")
     if num_training_steps is not None and num_training_steps < 1:
-        raise ValueError(f"lr schedule: num_training_steps must be >= 1, got {num_training_steps}; "
-                         "check epochs / max_steps and the dataset size")
+        raise UserError(f"lr schedule: num_training_steps must be >= 1, got {num_training_steps}; "
+                        "check epochs / max_steps and the dataset size")

@@ -12,12 +12,13 @@ import datetime
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from tunekit.config.errors import UserError
+from tunekit.config.errors import UserError, user_errors
 from tunekit.modules.cross_entropy import IGNORE_INDEX, count_label_tokens
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -103,9 +104,9 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def exit_after_clean_run() -> None:
+def exit_after_clean_run(code: int = 0) -> NoReturn:
     """End a distributed process whose run finished (process group already destroyed): flush
-    stdout/stderr and logging, then leave without interpreter finalization, exit code 0.
+    stdout/stderr and logging, then leave without interpreter finalization with exit ``code``.
 
     Why: with torch 2.13 on gloo, about 1 launch in 20 here aborts AFTER a clean
     ``destroy_process_group`` returned, during interpreter finalization ("terminate called without
@@ -115,7 +116,23 @@ def exit_after_clean_run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    os._exit(0)
+    os._exit(code)
+
+
+def run_distributed_recipe(main: Callable[[], None]) -> NoReturn:
+    """The ``__main__`` of a distributed recipe: run ``main()``; a ``UserError`` on this rank
+    prints one ``tunekit: error:`` line and exits 2, as in the single-device recipes; the process
+    group is torn down either way and the process leaves through :func:`exit_after_clean_run`.
+    A bug keeps its traceback (and Python's normal exit)."""
+    code = 0
+    try:
+        with user_errors():
+            main()
+    except SystemExit as e:  # user_errors' exit 2, or a recipe's own sys.exit
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        destroy_distributed()
+    exit_after_clean_run(code)
 
 
 def log_rank_zero(logger: logging.Logger, message: str, level: int = logging.INFO) -> None:

@@ -6,17 +6,33 @@ moments, the lr schedule position, the RNG streams (dropout) and the sampler pos
 
 from __future__ import annotations
 
-import torch
-
+import logging
+import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from tunekit.training.process_group import get_world_size_and_rank
+from tunekit.checkpoint.step_folders import checkpoint_to_resume
+
+from tunekit.training.process_group import get_world_size_and_rank, log_rank_zero
 from tunekit.training.distributed_checkpoint import load_per_rank_state, load_sharded_state, save_sharded_state
 from tunekit.training.rng import get_rng_state, set_rng_state, set_seed
 from tunekit.training.sampler import ResumableSampler
 from tunekit.checkpoint.step_folders import RECIPE_STATE_DIR
+
+
+log = logging.getLogger("tunekit.training.resume")
+
+
+def resume_dir_of(output_dir: str | os.PathLike, *, resume: bool, resume_from: str | None) -> Path | None:
+    """The step folder a training run continues from (the recipes' ``resume`` / ``resume_from``
+    keys; see ``tunekit.checkpoint.step_folders.checkpoint_to_resume``), saying so in one log line
+    when ``resume=true`` finds nothing to resume."""
+    folder = checkpoint_to_resume(output_dir, resume, resume_from)
+    if resume and folder is None:
+        log_rank_zero(log, f"resume=true: {output_dir} holds no step_<N>/ checkpoint yet; starting from step 0")
+    return folder
 
 
 def training_state(*, step: int, epoch: int, optimizer: torch.optim.Optimizer,

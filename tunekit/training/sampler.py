@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
+from tunekit.config.errors import UserError
+
 
 class ResumableSampler(torch.utils.data.Sampler[int]):
     """Sampler over ``range(dataset_len)`` for rank ``rank`` of ``world_size``.
@@ -25,11 +27,11 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     def __init__(self, dataset_len: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False):
         if dataset_len < 1:
-            raise ValueError("ResumableSampler: the dataset is empty; check the dataset source and split")
+            raise UserError("ResumableSampler: the dataset is empty; check the dataset source and split")
         if not 0 <= rank < world_size:
             raise ValueError(f"ResumableSampler: rank {rank} is outside world_size {world_size}")
         if drop_last and dataset_len < world_size:
-            raise ValueError(f"ResumableSampler: {dataset_len} examples cannot feed {world_size} ranks with drop_last")
+            raise UserError(f"ResumableSampler: {dataset_len} examples cannot feed {world_size} ranks with drop_last")
         self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
@@ -78,13 +80,13 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         does not depend on the world size, and ``position * world_size`` examples of it were
         consumed (which must split evenly over the new ranks)."""
         if state["dataset_len"] != self.dataset_len or state["seed"] != self.seed:
-            raise ValueError(
+            raise UserError(
                 f"ResumableSampler: the checkpoint was saved for a dataset of {state['dataset_len']} examples with "
                 f"seed {state['seed']}, this run has {self.dataset_len} and seed {self.seed}; resume with the same "
                 "data and seed (or start a fresh output_dir)")
         consumed = state["position"] * state.get("world_size", 1)
         if consumed % self.world_size:
-            raise ValueError(
+            raise UserError(
                 f"ResumableSampler: the checkpoint stopped after {consumed} examples of epoch {state['epoch']}, which "
                 f"do not split over {self.world_size} processes; resume with a process count dividing {consumed}")
         self.epoch, self.position = state["epoch"], consumed // self.world_size

@@ -8,8 +8,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tunekit.checkpoint.errors import CheckpointError
 from tunekit.checkpoint.step_folders import commit_step_folder, new_tmp_folder
-from tunekit.training.process_group import barrier, broadcast_from_rank0, get_world_size_and_rank
+from tunekit.training.process_group import any_rank, barrier, broadcast_from_rank0, get_world_size_and_rank
 
 
 def save_step_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None], *,
@@ -22,18 +23,25 @@ def save_step_checkpoint(output_dir: str | os.PathLike, step: int, write: Callab
     folders beyond the newest ``keep_last_n`` are deleted after the save.
 
     Under a process group every rank calls it: rank 0 creates the tmp folder, ``write`` runs on
-    every rank (sharded state from all ranks, HF files from rank 0 only: ``write`` decides), and
-    rank 0 renames the folder once every rank has finished writing.
+    every rank (sharded state from all ranks, HF files from rank 0 only: ``write`` decides; it
+    should finish its collectives before writing rank-0-only files), and rank 0 renames the folder
+    once every rank has finished writing. If ``write`` fails on any rank, every rank raises (the
+    failing one its own error) and nothing is committed: no rank waits forever for another.
     """
     rank = get_world_size_and_rank()[1]
     tmp = broadcast_from_rank0(new_tmp_folder(output_dir, step) if rank == 0 else None)
+    error: BaseException | None = None
     try:
         write(tmp)
-        barrier()
-    except BaseException:
+    except BaseException as e:  # re-raised below, unchanged; the other ranks must hear of it first
+        error = e
+    if any_rank(error is not None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if error is not None:
+            raise error
+        raise CheckpointError(f"saving step {step} to {output_dir} failed on another rank (its error is in the "
+                              "log); nothing was written")
     final = commit_step_folder(tmp, step, keep_last_n=keep_last_n) if rank == 0 else None
     barrier()
     return broadcast_from_rank0(final)

@@ -1,66 +1,34 @@
-"""One optimizer step of gradient accumulation, and the evaluation loss.
+"""What the training recipes' step needs besides the method itself: the optimizer steps of a run
+(gradient-accumulation groups, epoch after epoch, resumable), moving a batch, clipping, the
+non-finite guard, the step's metrics, and the evaluation loss.
 
-The step's loss is the sum of token cross-entropies over all its micro-batches divided by the
-number of labelled tokens across them (docs/design.md), so 4 micro-batches of 1 give the same
-gradient as one batch of 4.
+The recipes own the step (forward + loss, backward, clip, optimizer and lr steps). Its loss is the
+sum of token cross-entropies over all its micro-batches divided by the number of labelled tokens
+across them (and across ranks: docs/design.md), so 4 micro-batches of 1 give the gradient of one
+batch of 4.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from tunekit.modules.transformer import TransformerDecoder
-from tunekit.training.activation_offloading import offload_activations
-from tunekit.training.process_group import global_token_count, sum_over_ranks
-from tunekit.training.fsdp import no_grad_sync
-from tunekit.modules.cross_entropy import chunked_cross_entropy, count_label_tokens
+from tunekit.checkpoint.errors import NonFiniteError
+from tunekit.checkpoint.step_folders import find_latest_checkpoint
+from tunekit.modules.cross_entropy import count_label_tokens
 from tunekit.training.metric_logging import peak_memory_gib, reset_peak_memory
+from tunekit.training.process_group import sum_over_ranks
 
 
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (optional ``mask`` / ``input_pos`` stay absent)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, loss_chunks: int) -> torch.Tensor:
-    """Summed token cross-entropy of one batch (tokens/labels [b, s], optional mask/input_pos).
-
-    A ``TransformerDecoder`` computes it inside its forward with the output projection fused
-    into the loss (no [b, s, vocab] logits); any other model returns logits, and the loss is
-    taken in ``loss_chunks`` pieces."""
-    inputs = {"mask": batch.get("mask"), "input_pos": batch.get("input_pos")}
-    if isinstance(model, TransformerDecoder):
-        return model(batch["tokens"], labels=batch["labels"], **inputs)
-    return chunked_cross_entropy(model(batch["tokens"], **inputs), batch["labels"], num_chunks=loss_chunks)
-
-
-def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,
-                         device: torch.device, loss_chunks: int, num_label_tokens: int | torch.Tensor | None = None,
-                         grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
-                         offload: bool = False) -> float:
-    """Forward and backward every micro-batch, adding ``d(summed loss / N)`` to the gradients,
-    where N = ``num_label_tokens`` (default: the labelled tokens of ``micro_batches``; the
-    distributed recipes pass the count over all ranks). ``grad_sync(is_last)`` may return a
-    context that suppresses gradient reduction on all but the last micro-batch. ``offload`` keeps
-    the activations saved for backward in host memory (``activation_offloading``).
-    Returns this process's summed loss / N (the step loss on one device)."""
-    if num_label_tokens is None:
-        num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-    denominator = max(int(num_label_tokens), 1)
-    total = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
-        context = grad_sync(i == len(micro_batches) - 1) if grad_sync is not None else contextlib.nullcontext()
-        with context:
-            with offload_activations(device, enabled=offload):
-                loss = batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks) / denominator
-            loss.backward()
-        total += loss.detach()
-    return total.item()  # one device sync per step, not one per micro-batch
 
 
 def accumulation_groups(loader: Iterable[dict[str, torch.Tensor]], n: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -97,57 +65,77 @@ def training_steps(loader: Iterable[dict[str, torch.Tensor]], sampler, *, gradie
 
 def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
     """Clip by global L2 norm (``max_norm`` None: only measure) and return the norm before clipping.
-    With FSDP-sharded parameters the norm is over all ranks' shards, so every rank clips alike."""
+    With FSDP-sharded parameters the norm is over all ranks' shards, so every rank clips alike.
+    A non-finite norm leaves the gradients as they are (``check_finite_step`` stops the run)."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return 0.0
-    norm = nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()  # a partial norm per rank -> the global one (one all-reduce)
-    if max_norm is not None:
-        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+    total = nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # a partial norm per rank -> the global one (one all-reduce)
+    norm = float(total)
+    if max_norm is not None and math.isfinite(norm):
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return norm
 
 
-def optimizer_step(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]], *,
-                   parameters: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
-                   lr_scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, loss_chunks: int,
-                   max_grad_norm: float | None, offload: bool = False) -> dict[str, float]:
-    """One training step: accumulate the micro-batches' gradients, clip ``parameters``, step the
-    optimizer and the lr schedule. Returns the step's metrics: loss, lr (the lr this step used),
-    grad_norm, tokens_per_second (input tokens incl. padding) and peak_memory_gib (this process).
+def check_finite_step(step: int, *, loss: float, grad_norm: float, model: nn.Module, output_dir: str | Path) -> None:
+    """Stop the run before step ``step`` changes any weight if its loss or gradient norm is NaN or
+    infinite: raise ``NonFiniteError`` naming the step, the first parameter with a non-finite
+    gradient (this rank's shard under FSDP) and the newest checkpoint, which stays as it was.
+    Under a process group ``loss`` and ``grad_norm`` are global, so every rank stops at the same step."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    culprit = next((name for name, p in model.named_parameters() if p.grad is not None
+                    and not bool(torch.isfinite(_local(p.grad)).all())), None)
+    latest = find_latest_checkpoint(output_dir)
+    raise NonFiniteError(
+        f"step {step}: loss {loss} and gradient norm {grad_norm}"
+        + (f"; first parameter with a non-finite gradient: {culprit}" if culprit else "")
+        + "; the run stopped before updating the weights, nothing of this step was saved"
+        + (f"; the last checkpoint {latest} is intact (resume=true continues from it)" if latest else "")
+        + "; lower the learning rate, check the data, or use dtype=fp32")
 
-    Under a process group with an FSDP-sharded model (the distributed recipes) the same call is
-    data parallel: the loss is normalised by the labelled tokens of all ranks, gradients are
-    reduced once per step (not per micro-batch), and loss and tokens/s cover all ranks.
-    """
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def step_started(device: torch.device) -> float:
+    """Start a step's clock and peak-memory window; pass the result to :func:`step_metrics`."""
     reset_peak_memory(device)
-    start = time.perf_counter()
-    loss = accumulate_gradients(model, micro_batches, device=device, loss_chunks=loss_chunks, offload=offload,
-                                num_label_tokens=global_token_count([b["labels"] for b in micro_batches]),
-                                grad_sync=lambda is_last: no_grad_sync(model, enabled=not is_last))
-    tokens = sum(b["tokens"].numel() for b in micro_batches)
-    loss, tokens = sum_over_ranks(loss, tokens)
-    grad_norm = clip_gradients(parameters, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    lr = lr_scheduler.get_last_lr()[0]
-    lr_scheduler.step()
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_second": tokens / (time.perf_counter() - start), "peak_memory_gib": peak_memory_gib(device)}
+    return time.perf_counter()
+
+
+def step_metrics(started: float, micro_batches: Sequence[dict[str, torch.Tensor]], *, loss: float, lr: float,
+                 grad_norm: float, epoch: int, device: torch.device) -> dict[str, float]:
+    """The logged metrics of a step: loss, lr (the lr this step used), grad_norm, epoch,
+    tokens_per_second (input tokens incl. padding, of all ranks) and peak_memory_gib (this process)."""
+    (tokens,) = sum_over_ranks(sum(b["tokens"].numel() for b in micro_batches))
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epoch": epoch,
+            "tokens_per_second": tokens / (time.perf_counter() - started), "peak_memory_gib": peak_memory_gib(device)}
+
+
+def label_token_count(micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
+    """Labelled tokens of a step's micro-batches on this process: the single-device loss
+    normaliser (the distributed recipes use ``process_group.global_token_count``)."""
+    return sum(count_label_tokens(b["labels"]) for b in micro_batches)
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], *, device: torch.device,
-                  loss_chunks: int, max_batches: int | None = None) -> float:
-    """Mean token cross-entropy over ``loader`` (the first ``max_batches`` batches), in eval mode."""
+                  max_batches: int | None = None) -> float:
+    """Mean token cross-entropy of a ``TransformerDecoder`` over ``loader`` (the first
+    ``max_batches`` batches), in eval mode."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        total += batch_loss_sum(model, move_batch(batch, device), loss_chunks=loss_chunks).item()
+        batch = move_batch(batch, device)
+        total += model(batch["tokens"], labels=batch["labels"], mask=batch.get("mask"),
+                       input_pos=batch.get("input_pos")).item()
         count += count_label_tokens(batch["labels"])
     model.train(was_training)
     return total / max(count, 1)

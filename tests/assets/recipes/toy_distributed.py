@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import tunekit.config
 from tunekit.training.process_group import exit_after_clean_run
-from toy_recipe import make_batch, train, write_result  # the folder of the recipe is on sys.path
+from toy_recipe import CONFIG, make_batch, train, write_result  # the folder of the recipe is on sys.path
 
 
 def average_grads(model: torch.nn.Module) -> None:
@@ -36,5 +36,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    main(tunekit.config.parse(sys.argv[1:]))
+    main(tunekit.config.parse(sys.argv[1:], CONFIG))
     exit_after_clean_run()

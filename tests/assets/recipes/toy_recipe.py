@@ -6,6 +6,11 @@ import sys
 import torch
 
 import tunekit.config
+from tunekit.config.schema import Component, Int, Str
+
+# the keys this recipe reads (tunekit validate / run check configs against it)
+CONFIG = {"seed": Int(min=0), "steps": Int(min=1), "batch_size": Int(min=1), "output_path": Str(),
+          "model": Component(), "optimizer": Component()}
 
 
 def make_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,4 +49,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    main(tunekit.config.parse(sys.argv[1:]))
+    main(tunekit.config.parse(sys.argv[1:], CONFIG))

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tunekit.config.errors import ConfigError, did_you_mean
+
 Message = dict[str, Any]
 Part = tuple[str, bool]  # (text, trained)
 
@@ -366,8 +368,8 @@ def get_chat_format(name: str) -> ChatFormat:
     try:
         return CHAT_FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown chat_format {name!r}; choose one of "
-                         f"{', '.join(CHAT_FORMATS)}") from None
+        raise ConfigError(f"tokenizer.chat_format: unknown chat format {name!r}{did_you_mean(str(name), CHAT_FORMATS)}; "
+                          f"choose one of {', '.join(CHAT_FORMATS)} (null: guessed from the checkpoint)") from None
 
 
 def guess_chat_format(chat_template: str | None, token_strings: Sequence[str] = ()) -> str | None:

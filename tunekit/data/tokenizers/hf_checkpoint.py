@@ -14,25 +14,17 @@ to pick the chat format when none is given.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from tunekit.checkpoint.errors import CheckpointError
+from tunekit.checkpoint.hf_checkpoint import read_json_file
+from tunekit.config.errors import MissingFileError
 from tunekit.data.tokenizers.base import BaseTokenizer
 from tunekit.data.tokenizers.chat_formats import get_chat_format, guess_chat_format
 from tunekit.data.tokenizers.hf_json import load_tokenizer_json
 from tunekit.data.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
 from tunekit.data.tokenizers.tiktoken_tokenizer import llama3_tokenizer
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
 
 
 def _token_str(value: Any, path: Path, key: str) -> str | None:
@@ -41,7 +33,7 @@ def _token_str(value: Any, path: Path, key: str) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{path}: key {key!r} must be a token string or {{\"content\": ...}}")
+    raise CheckpointError(f"{path}: key {key!r} must be a token string or {{\"content\": ...}}")
 
 
 def _chat_template(config: dict[str, Any], folder: Path) -> str | None:
@@ -75,8 +67,8 @@ def _pick_file(folder: Path) -> tuple[str, Path]:
     for path in (folder / "original" / "tokenizer.model", top):
         if path.is_file():
             return "tiktoken", path
-    raise ValueError(f"{folder}: no tokenizer.model, tokenizer.json or original/tokenizer.model "
-                     "found")
+    raise CheckpointError(f"{folder}: no tokenizer.model, tokenizer.json or original/tokenizer.model "
+                          "found")
 
 
 def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
@@ -89,9 +81,9 @@ def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
     """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: checkpoint folder does not exist")
+        raise MissingFileError(f"tokenizer checkpoint_dir={folder} does not exist")
     config_path = folder / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json_file(config_path, "tokenizer config") if config_path.is_file() else {}
     bos = _token_str(config.get("bos_token"), config_path, "bos_token")
     eos = _token_str(config.get("eos_token"), config_path, "eos_token")
     pad = _token_str(config.get("pad_token"), config_path, "pad_token")
@@ -100,21 +92,21 @@ def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
         try:
             added[tok["content"]] = (int(idx), bool(tok.get("special", False)))
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{config_path}: added_tokens_decoder[{idx!r}] needs an integer id "
-                             "and a 'content' string") from None
+            raise CheckpointError(f"{config_path}: added_tokens_decoder[{idx!r}] needs an integer id "
+                                  "and a 'content' string") from None
 
     kind, path = _pick_file(folder)
     if kind == "sentencepiece":
         # An absent "legacy" means False, as in transformers 5's LlamaTokenizer.
         legacy = config.get("legacy", False)
         if not isinstance(legacy, bool):
-            raise ValueError(f"{config_path}: key 'legacy' must be true or false, got {legacy!r}")
+            raise CheckpointError(f"{config_path}: key 'legacy' must be true or false, got {legacy!r}")
         tok: BaseTokenizer = SentencePieceTokenizer(path, added_tokens=added, bos_token=bos,
                                                     eos_token=eos, pad_token=pad, legacy=legacy)
     elif kind == "tokenizer.json":
         if eos is None:
-            raise ValueError(f"{config_path}: eos_token is missing; it is needed with "
-                             "tokenizer.json")
+            raise CheckpointError(f"{config_path}: eos_token is missing; it is needed with "
+                                  "tokenizer.json")
         tok = load_tokenizer_json(path, bos_token=bos, eos_token=eos, pad_token=pad,
                                   extra_added_tokens=added)
     else:

@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tunekit.checkpoint.errors import CheckpointError
 from tunekit.data.tokenizers.base import BaseTokenizer
 from tunekit.data.tokenizers.chat_formats import ChatFormat
 from tunekit.data.tokenizers.tiktoken_tokenizer import TiktokenTokenizer
@@ -59,57 +60,57 @@ def _normalizer(spec: dict | None, where: str) -> Callable[[str], str] | None:
                 text = step(text)
             return text
         return run if steps else None
-    raise ValueError(f"{where}: normalizer type {kind!r} is not supported (only "
-                     f"{', '.join(_UNICODE_FORMS)} and Sequence of them)")
+    raise CheckpointError(f"{where}: normalizer type {kind!r} is not supported (only "
+                          f"{', '.join(_UNICODE_FORMS)} and Sequence of them)")
 
 
 def _pattern(spec: dict | None, where: str) -> str:
     """The pre-tokenizer regex of a byte-level BPE ``pre_tokenizer`` spec."""
     if spec is None:
-        raise ValueError(f"{where}: pre_tokenizer is null; a byte-level BPE needs ByteLevel")
+        raise CheckpointError(f"{where}: pre_tokenizer is null; a byte-level BPE needs ByteLevel")
     steps = spec["pretokenizers"] if spec.get("type") == "Sequence" else [spec]
     kinds = [s.get("type") for s in steps]
     byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
     splits = [s for s in steps if s.get("type") == "Split"]
     if len(byte_level) != 1 or len(splits) > 1 or len(steps) != len(byte_level) + len(splits):
-        raise ValueError(f"{where}: pre_tokenizer {kinds} is not supported (expected ByteLevel, "
-                         "optionally after one Split regex)")
+        raise CheckpointError(f"{where}: pre_tokenizer {kinds} is not supported (expected ByteLevel, "
+                              "optionally after one Split regex)")
     bl = byte_level[0]
     if bl.get("add_prefix_space"):
-        raise ValueError(f"{where}: ByteLevel add_prefix_space=true is not supported")
+        raise CheckpointError(f"{where}: ByteLevel add_prefix_space=true is not supported")
     if splits:
         sp = splits[0]
         regex = (sp.get("pattern") or {}).get("Regex")
         if regex is None or sp.get("behavior") != "Isolated" or sp.get("invert"):
-            raise ValueError(f"{where}: Split pre-tokenizer must use a Regex pattern, "
-                             "behavior Isolated and invert false")
+            raise CheckpointError(f"{where}: Split pre-tokenizer must use a Regex pattern, "
+                                  "behavior Isolated and invert false")
         if bl.get("use_regex", True):
-            raise ValueError(f"{where}: Split followed by ByteLevel(use_regex=true) is not "
-                             "supported")
+            raise CheckpointError(f"{where}: Split followed by ByteLevel(use_regex=true) is not "
+                                  "supported")
         return regex
     if not bl.get("use_regex", True):
-        raise ValueError(f"{where}: ByteLevel(use_regex=false) without a Split regex")
+        raise CheckpointError(f"{where}: ByteLevel(use_regex=false) without a Split regex")
     return GPT2_PATTERN
 
 
 def _bpe_ranks(model: dict, where: str) -> tuple[dict[bytes, int], str | None]:
     """Byte vocabulary of an HF BPE model and, if it is not rank-consistent, the reason."""
     if model.get("type") != "BPE":
-        raise ValueError(f"{where}: model type {model.get('type')!r} is not byte-level BPE")
+        raise CheckpointError(f"{where}: model type {model.get('type')!r} is not byte-level BPE")
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise ValueError(f"{where}: BPE option {key}={model[key]!r} is not supported")
+            raise CheckpointError(f"{where}: BPE option {key}={model[key]!r} is not supported")
     if model.get("byte_fallback"):
-        raise ValueError(f"{where}: byte_fallback BPE is a sentencepiece-style model; load it "
-                         "from tokenizer.model instead")
+        raise CheckpointError(f"{where}: byte_fallback BPE is a sentencepiece-style model; load it "
+                              "from tokenizer.model instead")
     decode = byte_decoder()
     ranks: dict[bytes, int] = {}
     for token, idx in model["vocab"].items():
         try:
             ranks[bytes(decode[c] for c in token)] = idx
         except KeyError:
-            raise ValueError(f"{where}: vocab token {token!r} is not in GPT-2 byte-to-unicode "
-                             "form, so this is not a byte-level BPE") from None
+            raise CheckpointError(f"{where}: vocab token {token!r} is not in GPT-2 byte-to-unicode "
+                                  "form, so this is not a byte-level BPE") from None
     by_id = {i: t for t, i in ranks.items()}
     merges = []
     for m in model.get("merges", []):
@@ -177,14 +178,14 @@ def load_tokenizer_json(path: str | Path, *, bos_token: str | None, eos_token: s
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: cannot read tokenizer.json ({e})") from None
+        raise CheckpointError(f"{where}: cannot read tokenizer.json ({e})") from None
     if not isinstance(spec, dict) or "model" not in spec:
-        raise ValueError(f"{where}: no 'model' section; not an HF tokenizer.json")
+        raise CheckpointError(f"{where}: no 'model' section; not an HF tokenizer.json")
     normalize = _normalizer(spec.get("normalizer"), where)
     pattern = _pattern(spec.get("pre_tokenizer"), where)
     decoder = spec.get("decoder")
     if decoder is not None and decoder.get("type") != "ByteLevel":
-        raise ValueError(f"{where}: decoder {decoder.get('type')!r} is not ByteLevel")
+        raise CheckpointError(f"{where}: decoder {decoder.get('type')!r} is not ByteLevel")
     ranks, problem = _bpe_ranks(spec["model"], where)
 
     added: dict[str, int] = {}
@@ -192,8 +193,8 @@ def load_tokenizer_json(path: str | Path, *, bos_token: str | None, eos_token: s
     for tok in spec.get("added_tokens", []):
         for flag in ("lstrip", "rstrip", "single_word"):
             if tok.get(flag):
-                raise ValueError(f"{where}: added token {tok['content']!r} sets {flag}=true, "
-                                 "which is not supported")
+                raise CheckpointError(f"{where}: added token {tok['content']!r} sets {flag}=true, "
+                                      "which is not supported")
         added[tok["content"]] = tok["id"]
         if tok.get("special"):
             special_ids.add(tok["id"])
@@ -210,7 +211,7 @@ def load_tokenizer_json(path: str | Path, *, bos_token: str | None, eos_token: s
         raw = name.encode("utf-8")
         if raw in ranks:
             return ranks[raw]
-        raise ValueError(f"{where}: {role} {name!r} is not a token of this vocabulary")
+        raise CheckpointError(f"{where}: {role} {name!r} is not a token of this vocabulary")
 
     kwargs = dict(added_tokens=added, special_ids=special_ids,
                   bos_id=token_id(bos_token, "bos_token"), eos_id=token_id(eos_token, "eos_token"),

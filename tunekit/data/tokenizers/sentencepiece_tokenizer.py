@@ -9,6 +9,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from tunekit.checkpoint.errors import CheckpointError
 from tunekit.data.tokenizers.base import BaseTokenizer, count_tokens_before
 from tunekit.data.tokenizers.chat_formats import ChatFormat
 
@@ -71,7 +72,7 @@ class SentencePieceTokenizer(BaseTokenizer):
             proto.ParseFromString(path.read_bytes())
             self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         except Exception as e:  # protobuf and sentencepiece raise assorted types
-            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+            raise CheckpointError(f"{path}: not a sentencepiece model ({e})") from None
         self._dummy_prefix = proto.normalizer_spec.add_dummy_prefix
         self._piece_len = _piece_byte_lengths(proto)
         proto.normalizer_spec.add_dummy_prefix = False
@@ -95,12 +96,12 @@ class SentencePieceTokenizer(BaseTokenizer):
                 return default if default >= 0 else None
             if name in tokens:
                 return tokens[name]
-            raise ValueError(f"{path}: {role} {name!r} is not a token of this model")
+            raise CheckpointError(f"{path}: {role} {name!r} is not a token of this model")
 
         eos_id = token_id(eos_token, sp.eos_id(), "eos_token")
         if eos_id is None:
-            raise ValueError(f"{path}: the model has no EOS piece; set eos_token in "
-                             "tokenizer_config.json")
+            raise CheckpointError(f"{path}: the model has no EOS piece; set eos_token in "
+                                  "tokenizer_config.json")
         pad_id = token_id(pad_token, sp.pad_id(), "pad_token")
         super().__init__(added_tokens=tokens, special_ids=special,
                          bos_id=token_id(bos_token, sp.bos_id(), "bos_token"), eos_id=eos_id,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import tiktoken
 
+from tunekit.checkpoint.errors import CheckpointError
 from tunekit.data.tokenizers.base import BaseTokenizer, count_tokens_before
 from tunekit.data.tokenizers.chat_formats import ChatFormat
 
@@ -48,10 +49,10 @@ def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, binascii.Error):
-                raise ValueError(f"{path}:{n}: not a tiktoken BPE line (expected "
-                                 "'<base64 token> <rank>')") from None
+                raise CheckpointError(f"{path}:{n}: not a tiktoken BPE line (expected "
+                                      "'<base64 token> <rank>')") from None
     if not ranks:
-        raise ValueError(f"{path}: empty tiktoken BPE file")
+        raise CheckpointError(f"{path}: empty tiktoken BPE file")
     return ranks
 
 
@@ -69,8 +70,8 @@ class TiktokenTokenizer(BaseTokenizer):
                  name: str = "tunekit_bpe"):
         missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
         if missing:
-            raise ValueError(f"BPE vocabulary lacks {len(missing)} single-byte tokens (e.g. byte "
-                             f"{missing[0]}); tiktoken needs all 256 bytes")
+            raise CheckpointError(f"BPE vocabulary lacks {len(missing)} single-byte tokens (e.g. byte "
+                                  f"{missing[0]}); tiktoken needs all 256 bytes")
         self._enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
                                       special_tokens={})
         vocab_size = max(max(mergeable_ranks.values()), max(added_tokens.values(), default=0)) + 1
@@ -130,7 +131,7 @@ def llama3_tokenizer(path: str | Path, *, bos_token: str = "<|begin_of_text|>",
 
     def token_id(name: str, role: str) -> int:
         if name not in specials:
-            raise ValueError(f"{path}: {role} {name!r} is not a Llama 3 special token")
+            raise CheckpointError(f"{path}: {role} {name!r} is not a Llama 3 special token")
         return specials[name]
 
     return TiktokenTokenizer(
