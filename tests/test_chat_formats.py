@@ -353,7 +353,7 @@ def test_bad_conversations_raise_clear_errors(llama_sp, tmp_path_factory):
     with pytest.raises(ValueError, match="only user/assistant turns"):
         tok.tokenize_messages([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
     assert set(CHAT_FORMATS) >= {"llama2", "llama3", "mistral", "chatml", "qwen2.5", "gemma"}
-    with pytest.raises(ValueError, match="unknown chat_format"):
+    with pytest.raises(ValueError, match="tokenizer.chat_format: unknown chat format"):
         get_chat_format("alpaca")
     with pytest.raises(ValueError, match="'llama2' has no way to show tool definitions"):
         tok.tokenize_messages(CONVERSATIONS["one_turn"], tools=TOOLS)

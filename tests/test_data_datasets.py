@@ -7,6 +7,8 @@ import pytest
 import torch
 from fake_tokenizer import ByteTokenizer
 
+import tunekit.config
+
 from tunekit.data import (
     CROSS_ENTROPY_IGNORE_INDEX,
     DataError,
@@ -155,5 +157,5 @@ def test_built_from_a_config_node(tmp_path):
     ds = config.instantiate(node, TOK)
     assert ds.num_documents == 1 and TOK.decode(ds[0]["tokens"].tolist()) == "qa"
     node.max_seq_length = 64  # misspelt: must not pass silently
-    with pytest.raises(TypeError, match="max_seq_length"):
+    with pytest.raises(tunekit.config.ConfigError, match="max_seq_length: no such argument of tunekit.data.chat_dataset; did you mean max_seq_len"):
         config.instantiate(node, TOK)

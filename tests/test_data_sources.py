@@ -117,7 +117,7 @@ def test_split_by_fraction_is_deterministic_and_disjoint():
 def test_misspelt_keyword_for_local_file_is_an_error(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"a": 1}\n')
-    with pytest.raises(TypeError, match="unexpected keyword argument\\(s\\) max_seq_length"):
+    with pytest.raises(DataError, match="argument\\(s\\) max_seq_length apply to Hugging Face hub datasets only"):
         load_rows(p, max_seq_length=5)
     with pytest.raises(ValueError, match="empty source list"):
         load_rows([])

@@ -1,8 +1,9 @@
 """Imports between tunekit's packages run one way (docs/design.md, "Layers"):
 
-    cli, recipes -> training, generation -> models -> modules -> checkpoint -> config
+    cli, recipes -> training, generation -> models -> modules -> losses -> checkpoint -> config
 
-(``data`` sits beside ``modules``: training and generation use it, it uses modules' masks.) Every
+(``data`` sits beside ``modules``: training and generation use it, it uses modules' masks;
+``losses`` are pure functions of tensors.) Every
 import is checked, also those inside functions, so a cycle cannot come back through a lazy import.
 """
 
@@ -17,13 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "config": set(),
     "checkpoint": {"config"},
-    "modules": {"checkpoint", "config"},
-    "models": {"modules", "checkpoint", "config"},
-    "data": {"modules", "checkpoint", "config"},
-    "training": {"models", "modules", "data", "checkpoint", "config"},
-    "generation": {"models", "modules", "data", "checkpoint", "config"},
-    "cli": {"training", "generation", "models", "modules", "data", "checkpoint", "config"},
-    "recipes": {"training", "generation", "models", "modules", "data", "checkpoint", "config"},
+    "losses": {"checkpoint", "config"},
+    "modules": {"losses", "checkpoint", "config"},
+    "models": {"modules", "losses", "checkpoint", "config"},
+    "data": {"modules", "losses", "checkpoint", "config"},
+    "training": {"models", "modules", "losses", "data", "checkpoint", "config"},
+    "generation": {"models", "modules", "losses", "data", "checkpoint", "config"},
+    "cli": {"training", "generation", "models", "modules", "losses", "data", "checkpoint", "config"},
+    "recipes": {"training", "generation", "models", "modules", "losses", "data", "checkpoint", "config"},
 }
 
 

@@ -381,13 +381,13 @@ def test_from_hf_errors_name_the_file(tmp_path, llama_sp):
     bad = tmp_path / "bad"
     shutil.copytree(llama_sp, bad)
     (bad / "tokenizer_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"tokenizer_config.json: invalid JSON"):
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \(line 1"):
         from_hf(bad)
     write_config(bad, eos_token="<nope>")
     with pytest.raises(ValueError, match=r"tokenizer.model: eos_token '<nope>'"):
         from_hf(bad)
     write_config(bad)
-    with pytest.raises(ValueError, match="unknown chat_format 'vicuna'"):
+    with pytest.raises(ValueError, match="unknown chat format 'vicuna'"):
         from_hf(bad, chat_format="vicuna")
     (bad / "tokenizer.model").write_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model"):

@@ -261,3 +261,15 @@ def test_a_nan_weight_is_never_saved(tiny_run, tmp_path, capsys):
     assert "holds" in err and "NaN/infinite value(s) (saving)" in err
     assert not list(out.glob("step_*")) and not list(out.glob(".step_*"))
     assert os.path.isdir(out / "logs")
+
+
+def test_validate_reports_typos_ignored_keys_and_swallowed_arguments(capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["validate", "tiny/lora", "+lora.rnak=16", "+lora.use_rslora=true", "+dataset.trian_on_input=true"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("tunekit: error: tiny/lora: 3 problems\n")
+    assert "  lora.rnak: not a key this recipe reads (it would be ignored); did you mean lora.rank?" in err
+    assert "  lora.use_rslora: not a key this recipe reads (it would be ignored)" in err
+    assert "  dataset.trian_on_input: no such argument of tunekit.data.chat_dataset; did you mean train_on_input?" in err

@@ -12,6 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from tunekit.cli.errors import UsageError
+from tunekit.config.catalog import builtin_configs, find_config
+from tunekit.config.errors import UserError
+
 # The builder a config names decides the row format (its `format` key, when present, wins).
 _BUILDER_FORMATS = {"instruct_dataset": "alpaca", "chat_dataset": "openai",
                     "text_completion_dataset": "text", "preference_dataset": "preference"}
@@ -45,12 +49,12 @@ def _config_settings(path: Path) -> dict:
 
     cfg = load(path)  # also registers the ${asset:...} resolver
     if "dataset" not in cfg:
-        raise ValueError(f"{path}: no 'dataset' key; pass data files instead")
+        raise UsageError(f"{path}: no 'dataset' key; pass data files instead")
     ds = cfg.dataset
     builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
     source = OmegaConf.to_container(ds.source, resolve=True) if "source" in ds else None
     if source is None:
-        raise ValueError(f"{path}: dataset.source is missing")
+        raise UsageError(f"{path}: dataset.source is missing")
     settings = {
         "train": source, "eval": None,
         "format": ds.get("format") or _BUILDER_FORMATS.get(builder, "auto"),
@@ -65,46 +69,46 @@ def _config_settings(path: Path) -> dict:
     if cfg.get("tokenizer"):
         try:
             settings["tokenizer"] = instantiate(cfg.tokenizer)
-        except Exception as e:  # the report still works with word counts
+        except UserError as e:  # e.g. the checkpoint is not downloaded: the report still works with word counts
             print(f"note: could not build the config's tokenizer ({e}); counting words", file=sys.stderr)
     return settings
+
+
+def _is_config(name: str) -> bool:
+    """A .yaml file or a built-in config name (``tiny/lora``): never taken for a data file or hub dataset."""
+    return Path(name).suffix in (".yaml", ".yml") or name in builtin_configs()
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: `tunekit ls` and friends import this module and must not pay for torch/numpy.
     from tunekit.data.check import check_data, format_report
-    from tunekit.data.errors import DataError
 
-    try:
-        if len(args.inputs) == 1 and Path(args.inputs[0]).suffix in (".yaml", ".yml"):
-            settings = _config_settings(Path(args.inputs[0]))
-        else:
-            settings = {"train": args.inputs, "eval": None, "format": "auto", "column_map": None,
-                        "max_seq_len": None, "text_split": "file", "tokenizer": None}
-        if args.eval:
-            settings["eval"] = args.eval
-        if args.format:
-            settings["format"] = args.format
-        if args.column_map:
-            pairs = [kv.split("=", 1) for kv in args.column_map]
-            if any(len(p) != 2 for p in pairs):
-                raise ValueError("--column-map takes EXPECTED=ACTUAL pairs, e.g. output=response")
-            settings["column_map"] = dict(pairs)
-        if args.max_seq_len:
-            settings["max_seq_len"] = args.max_seq_len
-        if args.text_split:
-            settings["text_split"] = args.text_split
-        if args.tokenizer:
-            from tunekit.data.tokenizers import from_hf
+    if len(args.inputs) == 1 and _is_config(args.inputs[0]):
+        settings = _config_settings(find_config(args.inputs[0]))
+    else:
+        settings = {"train": args.inputs, "eval": None, "format": "auto", "column_map": None,
+                    "max_seq_len": None, "text_split": "file", "tokenizer": None}
+    if args.eval:
+        settings["eval"] = args.eval
+    if args.format:
+        settings["format"] = args.format
+    if args.column_map:
+        pairs = [kv.split("=", 1) for kv in args.column_map]
+        if any(len(p) != 2 for p in pairs):
+            raise UsageError("--column-map takes EXPECTED=ACTUAL pairs, e.g. output=response")
+        settings["column_map"] = dict(pairs)
+    if args.max_seq_len:
+        settings["max_seq_len"] = args.max_seq_len
+    if args.text_split:
+        settings["text_split"] = args.text_split
+    if args.tokenizer:
+        from tunekit.data.tokenizers import from_hf
 
-            settings["tokenizer"] = from_hf(args.tokenizer)
-        report = check_data(settings["train"], settings["eval"], tokenizer=settings["tokenizer"],
-                            format=settings["format"], column_map=settings["column_map"],
-                            max_seq_len=settings["max_seq_len"], text_split=settings["text_split"],
-                            near_dup_threshold=args.near_dup_threshold)
-    except (DataError, ValueError, ImportError, OSError) as e:
-        print(f"tunekit: error: {e}", file=sys.stderr)
-        return 2
+        settings["tokenizer"] = from_hf(args.tokenizer)
+    report = check_data(settings["train"], settings["eval"], tokenizer=settings["tokenizer"],
+                        format=settings["format"], column_map=settings["column_map"],
+                        max_seq_len=settings["max_seq_len"], text_split=settings["text_split"],
+                        near_dup_threshold=args.near_dup_threshold)
     print(format_report(report))
     return 1 if report.bad_rows else 0
 
@@ -114,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunekit")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["data"] + (sys.argv[1:] if argv is None else argv))
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as e:  # as the tunekit command reports it
+        print(f"tunekit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

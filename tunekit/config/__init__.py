@@ -6,11 +6,11 @@
 """
 
 from tunekit.config.errors import ConfigError, MissingFileError, UserError, user_errors
-from tunekit.config.instantiate import instantiate
+from tunekit.config.instantiate import config_kwargs, instantiate
 from tunekit.config.loading import load, parse
 from tunekit.config.overrides import apply_overrides
 from tunekit.config.resolvers import register_resolvers
-from tunekit.config.validate import config_kwargs, validate
+from tunekit.config.validate import validate
 
 register_resolvers()  # ${asset:...} works in configs created directly with OmegaConf too
 

@@ -26,6 +26,11 @@ class MissingFileError(UserError, FileNotFoundError):
     there; the message names the path and what was expected in it."""
 
 
+class MissingPackageError(UserError, ImportError):
+    """An optional package the requested feature needs is not installed; the message says what to
+    pip install."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 
 

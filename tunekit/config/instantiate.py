@@ -12,13 +12,32 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from tunekit.config.errors import ConfigError
+from tunekit.config.errors import ConfigError, did_you_mean
 
 _COMPONENT = "_component_"
+
+
+def config_kwargs(*names: str) -> Callable[[Callable], Callable]:
+    """Declare the keyword names a callable's ``**kwargs`` accepts from a config::
+
+        @config_kwargs("name", "data_dir", "data_files", "revision")
+        def chat_dataset(tokenizer, source, *, ..., **hf_kwargs): ...
+
+    ``validate`` then reports any other name as a typo instead of passing it through."""
+    def mark(fn: Callable) -> Callable:
+        fn.__config_kwargs__ = frozenset(names)
+        return fn
+    return mark
+
+
+def declared_kwargs(fn: Any) -> frozenset[str] | None:
+    """The names declared with :func:`config_kwargs`, or None."""
+    return getattr(fn, "__config_kwargs__", None)
 
 
 def _public_names(module) -> list[str]:
@@ -123,6 +142,7 @@ def _call(node: DictConfig, key: str, args: tuple, kwargs: dict) -> Any:
                               f"set it in the config or on the command line: {key}.{k}=...")
         built[k] = _build(node[k], f"{key}.{k}")
     built.update(kwargs)
+    _check_declared_kwargs(fn, node[_COMPONENT], key, built)
     try:
         inspect.signature(fn).bind(*args, **built)
     except TypeError as e:
@@ -130,6 +150,21 @@ def _call(node: DictConfig, key: str, args: tuple, kwargs: dict) -> Any:
     except ValueError:  # no signature available (some builtins): let the call itself decide
         pass
     return fn(*args, **built)
+
+
+def _check_declared_kwargs(fn: Any, target: str, key: str, given: dict) -> None:
+    """Names that would land in a ``**kwargs`` that declares what it accepts, but are not declared."""
+    extra = declared_kwargs(fn)
+    if extra is None:
+        return
+    try:
+        named = {n for n, p in inspect.signature(fn).parameters.items()
+                 if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    except (TypeError, ValueError):
+        return
+    for name in given:
+        if name not in named and name not in extra:
+            raise ConfigError(f"{key}.{name}: no such argument of {target}{did_you_mean(name, [*named, *extra])}")
 
 
 def instantiate(node: DictConfig | dict | None, *args: Any, **kwargs: Any) -> Any:

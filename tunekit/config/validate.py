@@ -25,35 +25,17 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tunekit.config.errors import ConfigError, did_you_mean
-from tunekit.config.instantiate import import_component
+from tunekit.config.instantiate import declared_kwargs, import_component
 from tunekit.config.schema import Spec, check_schema
 
 _COMPONENT = "_component_"
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-
-
-def config_kwargs(*names: str) -> Callable[[Callable], Callable]:
-    """Declare the keyword names a callable's ``**kwargs`` accepts from a config::
-
-        @config_kwargs("name", "data_dir", "data_files", "revision")
-        def chat_dataset(tokenizer, source, *, ..., **hf_kwargs): ...
-
-    ``validate`` then reports any other name as a typo instead of passing it through."""
-    def mark(fn: Callable) -> Callable:
-        fn.__config_kwargs__ = frozenset(names)
-        return fn
-    return mark
-
-
-def declared_kwargs(fn: Any) -> frozenset[str] | None:
-    """The names declared with :func:`config_kwargs`, or None."""
-    return getattr(fn, "__config_kwargs__", None)
 
 
 _SIMPLE = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tunekit.config.errors import UserError
 from tunekit.data.errors import DataError
 from tunekit.data.messages import TRANSFORMS, detect_format
 from tunekit.data.sources import load_rows
@@ -79,7 +80,7 @@ def read_examples(sources, *, format: str = "auto", column_map: Mapping[str, str
             return [], [], format
         format = detect_format(rows[0], column_map)
     if format not in TRANSFORMS:
-        raise ValueError(f"unknown format {format!r}; expected auto or one of {', '.join(TRANSFORMS)}")
+        raise UserError(f"unknown format {format!r}; expected auto or one of {', '.join(TRANSFORMS)}")
     transform = TRANSFORMS[format](column_map)
     # Shared prompt wording (Alpaca's) would make every row look like every other one.
     row_text = getattr(transform, "raw_messages", transform)

@@ -3,7 +3,8 @@
 Rows are tokenized lazily on access (``dataset[i]``), so opening a large JSONL file costs one
 newline scan. ``packed=True`` tokenizes everything once up front (packing needs every length) and
 returns a :class:`~tunekit.data.packing.PackedDataset`. Every dataset has a ``collate`` method to
-pass to ``DataLoader(collate_fn=...)``.
+pass to ``DataLoader(collate_fn=...)``. Preference data (pairs, KTO) lives in
+:mod:`tunekit.data.preference`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import numpy as np
 import torch
 
 from tunekit.config.errors import UserError
-from tunekit.config.validate import config_kwargs
-from tunekit.data.collate import padded_collate, preference_collate
+from tunekit.config.instantiate import config_kwargs
+from tunekit.data.collate import padded_collate
 from tunekit.data.errors import DataError
 from tunekit.data.labels import shift_labels
 from tunekit.data.messages import (
     AlpacaToMessages,
-    ChosenRejectedToMessages,
     InputOutputToMessages,
     OpenAIToMessages,
     ShareGPTToMessages,
@@ -159,32 +159,6 @@ class SFTDataset(RowDataset):
         return padded_collate(batch, self.tokenizer.pad_id)
 
 
-class PreferenceDataset(RowDataset):
-    """Preference pairs: ``dataset[i] = {"chosen_tokens", "chosen_labels", "rejected_tokens",
-    "rejected_labels"}`` (lists; labels shifted and masked as in :class:`SFTDataset`)."""
-
-    def __init__(self, rows: Sequence, transform: Callable, tokenizer, *, train_on_input: bool = False,
-                 max_seq_len: int | None = None, indices=None, skip_bad_rows: bool = False):
-        super().__init__(rows, transform, tokenizer, indices=indices, skip_bad_rows=skip_bad_rows)
-        self.train_on_input = train_on_input
-        self.max_seq_len = max_seq_len
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        out = {}
-        for name, messages in zip(("chosen", "rejected"), self.transformed(i)):
-            tokens, mask = tokenize_item(self.tokenizer, messages, self.train_on_input)
-            if self.max_seq_len is not None:
-                tokens = tokens[: self.max_seq_len]
-                mask = None if mask is None else mask[: self.max_seq_len]
-            out[f"{name}_tokens"] = tokens
-            out[f"{name}_labels"] = _labels(tokens, mask)
-        return out
-
-    def collate(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Chosen rows then rejected rows (see :func:`~tunekit.data.collate.preference_collate`)."""
-        return preference_collate(batch, self.tokenizer.pad_id)
-
-
 def _open(source, split: str, val_fraction: float, seed: int, text_split: str, hf_kwargs: dict):
     """Row source and indices of ``split``; ``source`` may be ``{"train": ..., "validation": ...}``
     to split by file."""
@@ -272,15 +246,3 @@ def text_completion_dataset(tokenizer, source, *, column_map: Mapping[str, str] 
                 max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
                 val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
                 text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
-
-
-@config_kwargs(*HF_LOAD_KWARGS)
-def preference_dataset(tokenizer, source, *, column_map: Mapping[str, str] | None = None,
-                       train_on_input: bool = False, max_seq_len: int | None = None,
-                       split: str = "train", val_fraction: float = 0.0, seed: int = 0,
-                       skip_bad_rows: bool = False, **hf_kwargs) -> PreferenceDataset:
-    """Chosen/rejected pairs (``prompt`` + ``chosen``/``rejected`` strings or conversations)."""
-    rows, indices = _open(source, split, val_fraction, seed, "file", hf_kwargs)
-    return PreferenceDataset(rows, ChosenRejectedToMessages(column_map), tokenizer,
-                             train_on_input=train_on_input, max_seq_len=max_seq_len, indices=indices,
-                             skip_bad_rows=skip_bad_rows)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tunekit.config.errors import MissingPackageError
 from tunekit.data.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
@@ -222,7 +223,7 @@ def _require_datasets(what: str):
     try:
         import datasets  # noqa: F401  (optional dependency, imported only when needed)
     except ImportError:
-        raise ImportError(f"{what} needs the optional 'datasets' package: {HF_INSTALL_HINT}") from None
+        raise MissingPackageError(f"{what} needs the optional 'datasets' package: {HF_INSTALL_HINT}") from None
     return datasets
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tunekit.config import instantiate
-from tunekit.config.errors import ConfigError
+from tunekit.config.errors import ConfigError, MissingFileError
 from tunekit.modules.peft import load_peft_adapter, merge_lora
 from tunekit.checkpoint.step_folders import find_latest_checkpoint
 
@@ -25,7 +25,7 @@ def find_model_dir(checkpoint_dir: str | os.PathLike) -> Path:
     if latest is not None:
         return latest
     what = "does not exist" if not path.exists() else "has no config.json and no step_<N>/ folders"
-    raise FileNotFoundError(f"checkpoint_dir={path} {what}; point it at a Hugging Face model folder or at a "
+    raise MissingFileError(f"checkpoint_dir={path} {what}; point it at a Hugging Face model folder or at a "
                             "training output_dir holding step_<N>/ checkpoints")
 
 

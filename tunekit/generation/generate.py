@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from tunekit.config.errors import UserError
 from tunekit.generation.sampling import check_sampling_args, sample_next_token
 from tunekit.modules.masks import padding_mask, padding_positions
 from tunekit.modules.transformer import TransformerDecoder
@@ -107,8 +108,8 @@ def generate(model: nn.Module, tokens: torch.Tensor, *, max_new_tokens: int, is_
     b, s = tokens.shape
     limit = _max_positions(model)
     if limit is not None and s + max_new_tokens > limit:
-        raise ValueError(f"generate: prompt length {s} + max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"{limit} positions; shorten the prompts or lower max_new_tokens")
+        raise UserError(f"generate: prompt length {s} + max_new_tokens {max_new_tokens} exceeds the model's "
+                        f"{limit} positions; shorten the prompts or lower max_new_tokens")
     device = tokens.device
     stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
