@@ -42,14 +42,6 @@ def padded_collate(batch: Sequence[dict[str, Any]], pad_id: int, pad_to_multiple
             "labels": _pad_right(labels, CROSS_ENTROPY_IGNORE_INDEX, length)}
 
 
-def preference_collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen and rejected examples in one padded batch: rows ``[:b]`` are the chosen responses,
-    rows ``[b:]`` the rejected ones (one forward pass serves both). Returns tokens/labels [2b, s]."""
-    chosen = [{"tokens": ex["chosen_tokens"], "labels": ex["chosen_labels"]} for ex in batch]
-    rejected = [{"tokens": ex["rejected_tokens"], "labels": ex["rejected_labels"]} for ex in batch]
-    return padded_collate(chosen + rejected, pad_id)
-
-
 def packed_collate(batch: Sequence[dict[str, Any]], pad_id: int, seq_len: int
                    ) -> dict[str, torch.Tensor]:
     """Packed rows ``{"tokens", "labels", "seq_lens"}`` -> a fixed-length batch.

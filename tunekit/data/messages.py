@@ -1,7 +1,7 @@
 """Message transforms: one row of a dataset (a dict) -> OpenAI-style messages.
 
 Every transform is a tiny callable ``transform(row) -> list[Message]`` (or ``str`` for plain text,
-or a ``(chosen, rejected)`` pair for preference data). ``column_map`` maps the names a transform
+or the prompt and completions of a preference row). ``column_map`` maps the names a transform
 expects to the names used in your files, e.g. ``{"output": "response"}``. Transforms validate what
 they produce and raise :class:`~tunekit.data.errors.DataError` naming the offending field; the
 dataset adds the file and line.
@@ -223,39 +223,145 @@ class OpenAIToMessages:
                                  field)
 
 
-class ChosenRejectedToMessages:
-    """Preference rows -> ``(chosen_messages, rejected_messages)``.
+def _prompt_messages(value: Any, field: str) -> list[Message]:
+    """A prompt column: a string (the user turn) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": _text(value, field)}]
+    return _convert_openai(value, field)
 
-    ``chosen`` / ``rejected`` are either response strings (then ``prompt`` is required and becomes
-    the user turn) or conversations in OpenAI format (an optional ``prompt``, string or message
-    list, is prepended).
+
+def _completion_messages(value: Any, field: str) -> list[Message]:
+    """A completion column: a string (the assistant turn) or a list of messages starting with an
+    assistant turn."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": _text(value, field)}]
+    messages = _convert_openai(value, field)
+    if not messages:
+        raise DataError("expected a non-empty list of messages", field=field)
+    if messages[0].get("role") != "assistant":
+        raise DataError(f"a completion must start with an assistant message, got role "
+                        f"{messages[0].get('role')!r}", field=f"{field}[0].role")
+    return messages
+
+
+def _validate_joined(prompt: list[Message], completion: list[Message], prompt_field: str,
+                     prompt_is_text: bool, completion_field: str, completion_is_text: bool) -> None:
+    """:func:`validate_messages` of ``prompt + completion``, with errors naming the column (and
+    index inside it) the offending message came from."""
+    try:
+        validate_messages(prompt + completion, "#")
+    except DataError as e:
+        index, _, rest = (e.field or "#").partition("]")
+        if not index.startswith("#["):
+            raise DataError(e.reason, field=completion_field) from None
+        i = int(index[2:])
+        if i < len(prompt):
+            field = prompt_field if prompt_is_text else f"{prompt_field}[{i}]{rest}"
+        else:
+            field = completion_field if completion_is_text else f"{completion_field}[{i - len(prompt)}]{rest}"
+        raise DataError(e.reason, field=field) from None
+
+
+class ChosenRejectedToMessages:
+    """Preference rows in the formats TRL accepts -> ``(chosen_messages, rejected_messages)``, each
+    the whole conversation (prompt + completion); :meth:`split` gives the prompt and the two
+    completions separately.
+
+    - standard: ``prompt``, ``chosen``, ``rejected`` strings (the prompt becomes the user turn, the
+      completions assistant turns);
+    - conversational, explicit prompt: ``prompt`` (string or message list) and ``chosen`` /
+      ``rejected`` message lists that start with an assistant turn;
+    - implicit prompt: ``chosen`` / ``rejected`` are whole conversations sharing their first
+      messages; the prompt is the longest common prefix of messages, the completions are the rest
+      (which must start with an assistant turn). A ``prompt`` column next to whole conversations is
+      ignored, as TRL does (some datasets carry the question in both).
     """
 
     def __init__(self, column_map: Mapping[str, str] | None = None):
         self.column_map = dict(column_map or {})
 
-    def __call__(self, row: Mapping[str, Any]) -> tuple[list[Message], list[Message]]:
+    def split(self, row: Mapping[str, Any]) -> tuple[list[Message], list[Message], list[Message]]:
+        """``(prompt, chosen completion, rejected completion)`` messages of ``row``, validated."""
         cm = self.column_map
-        prompt = get_field(row, "prompt", cm, required=False)
-        prompt_field = cm.get("prompt", "prompt")
-        if prompt is None:
-            prompt_msgs = []
-        elif isinstance(prompt, str):
-            prompt_msgs = [{"role": "user", "content": _text(prompt, prompt_field)}]
-        else:
-            prompt_msgs = _convert_openai(prompt, prompt_field)
-        pair = []
-        for name in ("chosen", "rejected"):
-            field = cm.get(name, name)
-            value = get_field(row, name, cm)
-            if isinstance(value, str):
-                if not prompt_msgs:
-                    get_field(row, "prompt", cm)  # raises: a bare response needs a prompt
-                response = [{"role": "assistant", "content": _text(value, field)}]
-            else:
-                response = _convert_openai(value, field)
-            pair.append(validate_messages(prompt_msgs + response, field))
-        return pair[0], pair[1]
+        names = {k: cm.get(k, k) for k in ("prompt", "chosen", "rejected")}
+        chosen = get_field(row, "chosen", cm)
+        rejected = get_field(row, "rejected", cm)
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            kinds = {True: "a message list", False: type(chosen).__name__}
+            raise DataError(f"{names['chosen']!r} is {kinds[isinstance(chosen, list)]} but "
+                            f"{names['rejected']!r} is not; give both as strings or both as message "
+                            "lists", field=names["rejected"])
+        if isinstance(chosen, list):
+            chosen_m = _convert_openai(chosen, names["chosen"])
+            rejected_m = _convert_openai(rejected, names["rejected"])
+            if chosen_m and rejected_m and "assistant" not in (chosen_m[0]["role"], rejected_m[0]["role"]):
+                return self._implicit(chosen_m, rejected_m, names)
+        prompt = get_field(row, "prompt", cm)  # raises: completions alone need a prompt
+        prompt_m = _prompt_messages(prompt, names["prompt"])
+        out = [prompt_m]
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            completion = _completion_messages(value, names[name])
+            _validate_joined(prompt_m, completion, names["prompt"], isinstance(prompt, str),
+                             names[name], isinstance(value, str))
+            out.append(completion)
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def _implicit(chosen: list[Message], rejected: list[Message], names: dict[str, str]
+                  ) -> tuple[list[Message], list[Message], list[Message]]:
+        c, r = names["chosen"], names["rejected"]
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        if k == len(chosen) == len(rejected):
+            raise DataError(f"{c!r} and {r!r} are the same conversation: nothing to prefer", field=c)
+        if k == len(chosen) or k == len(rejected):
+            short, long = (c, r) if k == len(chosen) else (r, c)
+            raise DataError(f"{short!r} is the start of {long!r}, so its completion would be empty",
+                            field=short)
+        for name, conv in ((c, chosen), (r, rejected)):
+            if conv[k]["role"] != "assistant":
+                raise DataError(f"{c!r} and {r!r} first differ at message {k}, a {conv[k]['role']!r} "
+                                "message; with an implicit prompt they must share every message "
+                                "before their final assistant turn(s)", field=f"{name}[{k}].role")
+            validate_messages(conv, name)
+        return chosen[:k], chosen[k:], rejected[k:]
+
+    def __call__(self, row: Mapping[str, Any]) -> tuple[list[Message], list[Message]]:
+        prompt, chosen, rejected = self.split(row)
+        return prompt + chosen, prompt + rejected
+
+
+def _label(value: Any, field: str) -> bool:
+    if isinstance(value, str):  # CSV cells
+        text = value.strip().lower()
+        if text in ("true", "1"):
+            return True
+        if text in ("false", "0"):
+            return False
+    elif isinstance(value, bool) or value in (0, 1):  # also numpy bools and 0/1 integers
+        return bool(value)
+    raise DataError(f"expected a boolean (true = desirable), got {value!r}", field=field)
+
+
+class UnpairedPreferenceToMessages:
+    """KTO's unpaired rows: ``prompt`` (string or messages), ``completion`` (string or messages
+    starting with an assistant turn), ``label`` (true = desirable) -> ``(prompt, completion,
+    desirable)``."""
+
+    def __init__(self, column_map: Mapping[str, str] | None = None):
+        self.column_map = dict(column_map or {})
+
+    def __call__(self, row: Mapping[str, Any]) -> tuple[list[Message], list[Message], bool]:
+        cm = self.column_map
+        names = {k: cm.get(k, k) for k in ("prompt", "completion", "label")}
+        prompt, completion = get_field(row, "prompt", cm), get_field(row, "completion", cm)
+        desirable = _label(get_field(row, "label", cm), names["label"])
+        prompt_m = _prompt_messages(prompt, names["prompt"])
+        completion_m = _completion_messages(completion, names["completion"])
+        _validate_joined(prompt_m, completion_m, names["prompt"], isinstance(prompt, str),
+                         names["completion"], isinstance(completion, str))
+        return prompt_m, completion_m, desirable
 
 
 class TextToDocument:

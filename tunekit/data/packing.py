@@ -33,12 +33,13 @@ logger = logging.getLogger(__name__)
 def greedy_pack(lengths: np.ndarray, max_seq_len: int) -> np.ndarray:
     """Row index of each document, filling rows in order (a new row when the next one does not fit).
 
-    lengths: int[d], each <= max_seq_len. Returns int64[d], non-decreasing.
+    lengths: int[d]. Returns int64[d], non-decreasing. A document longer than max_seq_len gets a
+    row of its own (preference pairs may; SFT packing cuts documents to max_seq_len first).
     """
     rows = np.empty(len(lengths), dtype=np.int64)
     row = used = 0
     for i, n in enumerate(lengths.tolist()):  # one step per document, not per token
-        if used + n > max_seq_len:
+        if used and used + n > max_seq_len:
             row, used = row + 1, 0
         rows[i] = row
         used += n
