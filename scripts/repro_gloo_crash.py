@@ -1,9 +1,17 @@
 """Try to reproduce the gloo native crash without tunekit: pure torch (+ torchao NF4), 2 ranks.
 
-    python scripts/repro_gloo_crash.py --launches 200 --variant qlora
-    python scripts/repro_gloo_crash.py --launches 100 --variant plain --normal-exit
+    python scripts/repro_gloo_crash.py --launches 10 --variant gather-loop --steps 120 --timeout 1200
+    python scripts/repro_gloo_crash.py --launches 100 --variant sharded
 
-Result: see the section "Native crash rate under gloo" in docs/distributed.md.
+Result (2026-12-03, torch 2.13.0+cpu, torchao 0.18.0, glibc 2.36, 2 cores under load; the numbers
+are in docs/distributed.md, "Native crash rate under gloo"): reproduced without tunekit. Ranks abort
+with "malloc(): unaligned tcache chunk detected" or SIGSEGV inside
+``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` (DTensor redistribute ->
+``_c10d_functional.wait_tensor``), only with NF4 bases: about one gather in 50 in the
+``gather-loop`` variants, none in 300 gathers with fp32 bases. For NF4 DTensors that call returns
+with torchao's three inner all-gathers per weight still in flight, and ranks other than 0 never
+wait for them (they stay in torch's functional-collective work registry); ``gather-loop-waited``
+waits every gathered value on every rank.
 
 The driver repeats ``torchrun --nproc_per_node 2`` launches of this file in worker mode and
 classifies each like scripts/stress_distributed.py (the signatures of tests/native_crash.py). A
@@ -21,7 +29,10 @@ then ``destroy_process_group`` and ``os._exit(0)`` (``--normal-exit``: interpret
 Variants: ``plain`` (FSDP2 steps only: no mallopt, no eval, no save, no object collectives),
 ``patterns`` (everything above, fp32 bases), ``qlora`` (everything above, NF4 bases), ``sharded``
 (qlora, but each rank evaluates its rows ``rank::world_size`` of every global eval batch, as tunekit's
-reverted commit a7cb211 did, after which 3 of 7 suite runs crashed).
+reverted commit a7cb211 did, after which 3 of 7 suite runs crashed). ``gather-loop*``: one training
+step, then only evaluation + the full-state-dict gather every 2 steps (many gathers per launch, e.g.
+``--steps 120``): NF4 with sharded evaluation, fp32 bases, NF4 with every rank evaluating everything,
+and NF4 with every gathered value waited on every rank (the proposed fix).
 """
 
 from __future__ import annotations
@@ -38,10 +49,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"plain": dict(mallopt=False, eval=False, save=False, nf4=False, sharded_eval=False),
-            "patterns": dict(mallopt=True, eval=True, save=True, nf4=False, sharded_eval=False),
-            "qlora": dict(mallopt=True, eval=True, save=True, nf4=True, sharded_eval=False),
-            "sharded": dict(mallopt=True, eval=True, save=True, nf4=True, sharded_eval=True)}
+VARIANTS = {  # train: an optimizer step every step (else only the first); save: full / gather only / none
+    "plain": {"mallopt": False, "eval": False, "save": None, "nf4": False, "sharded_eval": False, "train": True},
+    "patterns": {"mallopt": True, "eval": True, "save": "full", "nf4": False, "sharded_eval": False, "train": True},
+    "qlora": {"mallopt": True, "eval": True, "save": "full", "nf4": True, "sharded_eval": False, "train": True},
+    "sharded": {"mallopt": True, "eval": True, "save": "full", "nf4": True, "sharded_eval": True, "train": True},
+    "gather-loop": {"mallopt": True, "eval": True, "save": "gather", "nf4": True, "sharded_eval": True, "train": False},
+    "gather-loop-fp32": {"mallopt": True, "eval": True, "save": "gather", "nf4": False, "sharded_eval": True,
+                         "train": False},
+    "gather-loop-same-eval": {"mallopt": True, "eval": True, "save": "gather", "nf4": True, "sharded_eval": False,
+                              "train": False},
+    "gather-loop-waited": {"mallopt": True, "eval": True, "save": "gather-waited", "nf4": True,
+                           "sharded_eval": False, "train": False},
+}
 DIM, HIDDEN, VOCAB, LAYERS, RANK = 256, 512, 1024, 2, 16
 
 
@@ -139,18 +159,19 @@ def worker(args) -> None:
         print(f"rank {rank} step {step}: {what}", file=sys.stderr, flush=True)
 
     for step in range(1, args.steps + 1):
-        tokens, labels = batch(16)
-        count = torch.tensor((labels != -100).sum().item())
-        dist.all_reduce(count)
-        loss = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        (loss / count).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        metrics = torch.tensor([loss.item(), float(count)], dtype=torch.float64)
-        dist.all_reduce(metrics)
-        stop = torch.tensor(0)
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if opts["train"] or step == 1:
+            tokens, labels = batch(16)
+            count = torch.tensor((labels != -100).sum().item())
+            dist.all_reduce(count)
+            loss = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            (loss / count).backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            metrics = torch.tensor([loss.item(), float(count)], dtype=torch.float64)
+            dist.all_reduce(metrics)
+            stop = torch.tensor(0)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if opts["eval"] and step % 2 == 0:
             phase("eval")
             model.eval()
@@ -161,7 +182,18 @@ def worker(args) -> None:
                         tokens, labels = tokens[rank::world], labels[rank::world]
                     F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100)
             model.train()
-        if opts["save"] and step % 2 == 0:
+        if opts["save"] == "gather" and step % 2 == 0:  # the save's first collective, alone
+            phase("full state dict gather")
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if opts["save"] == "gather-waited" and step % 2 == 0:
+            # NF4 values come back with their all-gathers still in flight (torchao's wrapper of the
+            # functional all-gather; nothing waits on ranks that drop them): wait on every rank
+            phase("full state dict gather, waited")
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            for value in full.values():
+                torch.ops._c10d_functional.wait_tensor(value)
+            del full
+        if opts["save"] == "full" and step % 2 == 0:
             holder = [str(out / f".step_{step}.tmp") if rank == 0 else None]
             dist.broadcast_object_list(holder, src=0)
             folder = Path(holder[0])
@@ -210,8 +242,8 @@ def driver(args) -> None:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
                                   check=False)
             rc, logs = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, logs = None, f"{e.stdout or ''}{e.stderr or ''}"
+        except subprocess.TimeoutExpired as e:  # its output comes as bytes even with text=True
+            rc, logs = None, b"".join(x or b"" for x in (e.stdout, e.stderr)).decode(errors="replace")
         found = crash_signature(logs)
         status = "timeout" if rc is None else "ok" if rc == 0 else "crash" if found else "other"
         counts[status] += 1

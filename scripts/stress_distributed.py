@@ -186,7 +186,7 @@ def main() -> None:
     if unknown := set(names) - set(CONFIGS):
         parser.error(f"unknown configs {sorted(unknown)}; choose from {list(CONFIGS)}")
     if args.report:
-        rows = [json.loads(line) for line in open(args.out / "launches.jsonl")]
+        rows = [json.loads(line) for line in (args.out / "launches.jsonl").read_text().splitlines()]
         print(json.dumps(summarise([r for r in rows if r["config"] in names], names)))
         return
     # SIGTERM, and SIGINT even where a background start ignores it, stop after the running launches
@@ -203,17 +203,22 @@ def main() -> None:
     todo = [(name, i) for i, name in itertools.product(range(args.launches), names)]  # interleaved
     rows: list[dict] = []
     with open(args.out / "launches.jsonl", "a") as table, ThreadPoolExecutor(args.jobs) as pool:
+
+        def record(row: dict) -> None:
+            rows.append(row)
+            table.write(json.dumps(row) + "\n")
+            table.flush()
+            print(json.dumps(row), flush=True)
+
         futures = [pool.submit(run_one, name, i, args, qlora_model, env) for name, i in todo]
         try:
             for future in futures:
-                row = future.result()
-                rows.append(row)
-                table.write(json.dumps(row) + "\n")
-                table.flush()
-                print(json.dumps(row), flush=True)
-        except KeyboardInterrupt:  # report what finished; launches already running finish first
-            pool.shutdown(wait=False, cancel_futures=True)
-            print("interrupted", flush=True)
+                record(future.result())
+        except KeyboardInterrupt:  # cancel what has not started, keep what is running
+            print("interrupted: waiting for the running launches", flush=True)
+            for future in futures[len(rows):]:
+                if not future.cancel():
+                    record(future.result())
     print(json.dumps(summarise(rows, names)))
 
 

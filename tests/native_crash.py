@@ -2,11 +2,13 @@
 
 torch 2.13 with gloo on these CPU machines has aborted ranks natively: "terminate called without an
 active exception" at interpreter exit (worked around by exit_after_clean_run) and "malloc(): unaligned
-tcache chunk detected" (heap corruption; 3 of 7 suite runs while distributed evaluation was sharded,
-a change since reverted; rarely otherwise), in recipe launches and in tests/assets/distributed
-/train_check.py alike, never with a Python traceback of ours. The distributed fixtures start such a
-launch set over once, from scratch, when the logs show one of these signatures; any other failure
-(a Python exception, a wrong number) still fails the test at once.
+tcache chunk detected" (heap corruption), never with a Python traceback of ours. The heap corruption
+reproduces without tunekit (scripts/repro_gloo_crash.py: pure torch + torchao, inside
+get_model_state_dict's full-state-dict all-gather after an evaluation with unequal work per rank);
+scripts/stress_distributed.py measured the current recipes (docs/distributed.md, "Native crash rate
+under gloo"). The distributed fixtures start such a launch set over once, from scratch, when the
+logs show one of these signatures, and print every retry to stderr; any other failure (a Python
+exception, a wrong number) still fails the test at once.
 """
 
 from __future__ import annotations
