@@ -109,3 +109,52 @@ def test_random_token_dataset_rows_are_full_length_shifted_and_reproducible():
     assert not torch.equal(data[0]["tokens"], data[1]["tokens"])
     with pytest.raises(ValueError, match="seq_len"):
         random_token_dataset(vocab_size=7, seq_len=0, num_samples=3)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_linear_token_log_probs_match_float64_with_per_token_gradients(weight_grad):
+    """Per-token log p(label) of the fused projection (what preference losses sum per completion):
+    values, the mean logits and the gradients of a weighted sum equal a float64 computation."""
+    from tunekit.modules.cross_entropy import linear_token_log_probs
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    weight = torch.randn(60, 16, generator=g, requires_grad=weight_grad)
+    labels = torch.randint(60, (3, 11), generator=g)
+    labels[0, :4] = -100
+    labels[2, -1] = -100
+    log_probs, means = linear_token_log_probs(hidden, weight, labels, num_chunks=4)
+    scale = torch.randn(3, 11, generator=g)
+    (log_probs * scale).sum().backward()
+
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    logits = h64 @ w64.t()
+    valid = labels != -100
+    ref = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
+    (ref * scale.double()).sum().backward()
+    torch.testing.assert_close(log_probs.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(means.double(), logits.mean(-1) * valid, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, atol=1e-5, rtol=0)
+    if weight_grad:
+        torch.testing.assert_close(weight.grad.double(), w64.grad, atol=1e-4, rtol=0)
+    assert not means.requires_grad
+
+
+def test_decoder_per_token_log_probs_and_adapters_disabled():
+    from tunekit.modules.peft import adapters_disabled
+
+    g = torch.Generator().manual_seed(2)
+    model = _model(False)
+    tokens, labels = torch.randint(50, (2, 9), generator=g), _labels(2, 9, 50, g)
+    log_probs, _ = model(tokens, labels=labels, per_token=True)
+    torch.testing.assert_close(-log_probs.sum(), model(tokens, labels=labels), atol=1e-4, rtol=0)
+    apply_lora(model, ["q_proj", "output"], rank=2, alpha=4)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    with adapters_disabled(model):  # the base model again: the preference recipes' reference
+        torch.testing.assert_close(model(tokens, labels=labels, per_token=True)[0], log_probs)
+    adapted, _ = model(tokens, labels=labels, per_token=True)  # LoRA on the output: the logits path
+    expected = torch.log_softmax(model(tokens).float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    torch.testing.assert_close(adapted, expected * (labels != -100), atol=1e-5, rtol=0)
+    assert (adapted - log_probs).abs().max() > 1e-3

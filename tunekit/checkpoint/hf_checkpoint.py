@@ -60,7 +60,8 @@ def read_hf_config(checkpoint_dir: str | Path) -> dict:
     return read_json_file(path, "model config")
 
 
-def _weight_files(checkpoint_dir: Path) -> list[Path]:
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The weight files of an HF checkpoint folder (from its index when sharded)."""
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = checkpoint_dir / index_name
         if index.is_file():
@@ -104,7 +105,7 @@ def load_hf_state_dict(checkpoint_dir: str | Path, *, dtype: torch.dtype | None 
     any weight raises ``NonFiniteError`` naming the tensor and its file.
     """
     state_dict: dict[str, torch.Tensor] = {}
-    for path in _weight_files(Path(checkpoint_dir)):
+    for path in weight_files(Path(checkpoint_dir)):
         tensors = read_weight_file(path)
         check_finite(tensors.items(), str(path), action="loading")
         for hf_name, tensor in tensors.items():

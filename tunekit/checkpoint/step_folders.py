@@ -189,3 +189,17 @@ def checkpoint_to_resume(output_dir: str | os.PathLike, resume: bool, resume_fro
         return latest
     raise UserError(f"output_dir={output_dir} already holds checkpoints (newest: {latest.name}); pass resume=true "
                      "to continue that run, or choose another output_dir")
+
+
+def find_model_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """``checkpoint_dir`` itself when it is a Hugging Face model folder (has ``config.json``), or
+    the newest complete ``step_<N>/`` when it is a training ``output_dir``."""
+    path = Path(checkpoint_dir)
+    if (path / "config.json").is_file():
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    what = "does not exist" if not path.exists() else "has no config.json and no step_<N>/ folders"
+    raise MissingFileError(f"checkpoint_dir={path} {what}; point it at a Hugging Face model folder or at a "
+                           "training output_dir holding step_<N>/ checkpoints")

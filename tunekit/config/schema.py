@@ -131,20 +131,30 @@ class Str(Spec):
 
 @dataclass(frozen=True)
 class List(Spec):
+    """A list of ``item`` values; ``single_ok``: one bare value stands for a list of one
+    (``loss_type: sigmoid`` or ``loss_type: [sigmoid, sft]``)."""
+
     item: Spec = field(default_factory=Str)
     min_len: int = 1
+    single_ok: bool = False
 
     def describe(self) -> str:
-        return f"a list of {self.item.describe().removeprefix('a ').removeprefix('an ')}s" + (
+        what = self.item.describe()
+        listed = f"a list of {what.removeprefix('a ').removeprefix('an ')}s" + (
             f" (at least {self.min_len})" if self.min_len > 1 else " (not empty)" if self.min_len == 1 else "")
+        return f"{what} or {listed}" if self.single_ok else listed
 
     def _type_ok(self, value: Any) -> bool:
+        if self.single_ok and not isinstance(value, (list, tuple, ListConfig)):
+            return True  # the item's own check decides
         return isinstance(value, (list, tuple, ListConfig)) and len(value) >= self.min_len
 
     def problems(self, value: Any, key: str) -> list[str]:
         found = super().problems(value, key)
         if found or value is None:
             return found
+        if self.single_ok and not isinstance(value, (list, tuple, ListConfig)):
+            return self.item.problems(value, key)
         return [p for i, v in enumerate(value) for p in self.item.problems(v, f"{key}.{i}")]
 
 
@@ -174,10 +184,13 @@ class Section(Spec):
         return isinstance(value, (DictConfig, Mapping)) and _COMPONENT not in value
 
     def problems(self, value: Any, key: str) -> list[str]:
-        found = super().problems(value, key)
-        if found or value is None:
-            return found
-        return _mapping_problems(value, self.keys, key)
+        if value is None or not self._type_ok(value):
+            return Spec.problems(self, value, key)
+        found = _mapping_problems(value, self.keys, key)
+        if not found and self.check is not None:  # the section as a whole, once each key is fine
+            problem = self.check(value)
+            found = [f"{key}: {problem}"] if problem else []
+        return found
 
 
 def _get(node: Any, k: Any) -> tuple[Any, str | None]:

@@ -10,23 +10,9 @@ import torch
 from torch import nn
 
 from tunekit.config import instantiate
-from tunekit.config.errors import ConfigError, MissingFileError
+from tunekit.config.errors import ConfigError
 from tunekit.modules.peft import load_peft_adapter, merge_lora
-from tunekit.checkpoint.step_folders import find_latest_checkpoint
-
-
-def find_model_dir(checkpoint_dir: str | os.PathLike) -> Path:
-    """``checkpoint_dir`` itself when it is a Hugging Face model folder (has ``config.json``), or
-    the newest complete ``step_<N>/`` when it is a training ``output_dir``."""
-    path = Path(checkpoint_dir)
-    if (path / "config.json").is_file():
-        return path
-    latest = find_latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    what = "does not exist" if not path.exists() else "has no config.json and no step_<N>/ folders"
-    raise MissingFileError(f"checkpoint_dir={path} {what}; point it at a Hugging Face model folder or at a "
-                            "training output_dir holding step_<N>/ checkpoints")
+from tunekit.checkpoint.step_folders import find_model_dir
 
 
 def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike, model_dir: str | os.PathLike) -> nn.Module:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunekit.modules.attention import Attention
-from tunekit.modules.cross_entropy import chunked_cross_entropy, linear_cross_entropy
+from tunekit.modules.cross_entropy import IGNORE_INDEX, chunked_cross_entropy, linear_cross_entropy, linear_token_log_probs
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -45,8 +45,12 @@ class TransformerDecoder(nn.Module):
     shifted, -100 = no loss) it returns instead the SUM of the token cross-entropies (fp32
     scalar), computed with the output projection chunk by chunk
     (:func:`tunekit.modules.cross_entropy.linear_cross_entropy`) so the logits are never materialised:
-    much less memory and a faster step than logits + a loss. Calling it inside ``forward`` keeps
-    wrappers such as FSDP2, which gather the output weight for ``forward``, working.
+    much less memory and a faster step than logits + a loss. With ``labels`` and ``per_token=True``
+    it returns ``(log_probs, logit_means)``, float32 [b, s] each, 0 where the label is -100: each
+    position's ``log p(label)`` (with gradient) and the mean of its logits over the vocabulary (no
+    gradient), by the same fused projection (what preference and RL losses need). Calling these
+    inside ``forward`` keeps wrappers such as FSDP2, which gather the output weight for ``forward``,
+    working.
     """
 
     def __init__(self, *, tok_embeddings: nn.Module, layers: Iterable[nn.Module], norm: nn.Module,
@@ -84,11 +88,13 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, mask: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, per_token: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
         h = self.norm(h)
+        if labels is not None and per_token:
+            return self._token_log_probs(h, labels)
         if labels is not None:
             return self._loss_sum(h, labels)
         if logits_to_keep:  # generation's prefill needs the last position only: skip [b, s, vocab]
@@ -103,3 +109,14 @@ class TransformerDecoder(nn.Module):
         if type(self.output) is nn.Linear and self.output.bias is None:
             return linear_cross_entropy(h, self.output.weight, labels)
         return chunked_cross_entropy(self.output(h), labels)  # e.g. a LoRA-adapted output projection
+
+    def _token_log_probs(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.output is None:
+            return linear_token_log_probs(h, self.tok_embeddings.weight, labels)
+        if type(self.output) is nn.Linear and self.output.bias is None:
+            return linear_token_log_probs(h, self.output.weight, labels)
+        # e.g. a LoRA-adapted output projection: ready logits (the [b, s, vocab] tensor exists here)
+        logits = self.output(h).float()
+        valid = labels != IGNORE_INDEX
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return log_probs * valid, (logits.detach().mean(-1) * valid)

@@ -6,7 +6,9 @@ docs/recipes.md explains every key."""
 from __future__ import annotations
 
 from tunekit.config.schema import Bool, Component, Float, Int, List, Section, Str
+from tunekit.losses.preference import F_DIVERGENCE_TYPES
 from tunekit.training.device import device_problem
+from tunekit.training.preference import LOSS_TYPES, loss_config_problem
 
 DTYPES = ("fp32", "bf16")
 
@@ -64,3 +66,28 @@ LORA = Section({
 # so that one config serves both recipes of a method, as the shipped configs do.
 FSDP = Section({"reshard_after_forward": Bool(), "cpu_offload": Bool()},
                note="read by the distributed recipes")
+
+
+def _preference_loss_section() -> Section:
+    return Section({
+        "loss_type": List(Str(choices=LOSS_TYPES), single_ok=True),
+        "loss_weights": List(Float(), nullable=True),
+        "beta": Float(min=0, min_exclusive=True),
+        "label_smoothing": Float(min=0, max=0.999),
+        "f_divergence_type": Str(choices=F_DIVERGENCE_TYPES),
+        "f_alpha_divergence_coef": Float(),
+        "discopop_tau": Float(min=0, min_exclusive=True),
+        "simpo_gamma": Float(),
+        "cpo_alpha": Float(min=0),
+        "desirable_weight": Float(min=0, min_exclusive=True),
+        "undesirable_weight": Float(min=0, min_exclusive=True),
+    }, check=loss_config_problem)  # the losses' own checks (names, weights, ranges)
+
+
+# The preference recipes (DPO family, SimPO/CPO/ORPO, KTO): the loss and where the reference
+# log-probs come from (docs/preference.md).
+PREFERENCE_KEYS = {
+    "loss": _preference_loss_section(),
+    "precompute_reference": Bool(),
+    "reference_cache_dir": Str(),
+}

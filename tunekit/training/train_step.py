@@ -56,11 +56,17 @@ def training_steps(loader: Iterable[dict[str, torch.Tensor]], sampler, *, gradie
         consumed = sampler.position
         for micro_batches in accumulation_groups(loader, gradient_accumulation_steps):
             step += 1
-            consumed += sum(len(b["tokens"]) for b in micro_batches)
+            consumed += sum(examples_in(b) for b in micro_batches)
             yield step, epoch, consumed, micro_batches
             if step == total_steps:
                 return
         epoch += 1
+
+
+def examples_in(batch: dict[str, torch.Tensor]) -> int:
+    """Dataset examples in a batch: its rows, or its pairs for a preference batch (whose rows hold
+    both completions, or several pairs when packed: docs/design.md)."""
+    return int(batch["num_pairs"]) if "num_pairs" in batch else len(batch["tokens"])
 
 
 def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:

@@ -4,6 +4,7 @@ and prefix tuning and layer freezing. torchao (NF4) is imported only when a quan
 from tunekit.modules.peft.freezing import freeze_layers, trainable_parameters
 from tunekit.modules.peft.lora import (
     LoRALinear,
+    adapters_disabled,
     apply_lora,
     lora_modules,
     lora_scaling,
@@ -30,6 +31,7 @@ __all__ = [
     "PrefixTuning",
     "PromptEmbedding",
     "PromptTuning",
+    "adapters_disabled",
     "apply_lora",
     "extend_mask_with_prefix",
     "freeze_layers",

@@ -8,8 +8,9 @@ for DoRA).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,9 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Linear(in_features, rank, bias=False, **factory)
         self.lora_b = nn.Linear(rank, out_features, bias=False, **factory)
         self.magnitude = nn.Parameter(torch.empty(out_features, **factory)) if use_dora else None
+        # True while `adapters_disabled(model)` is active: the layer is the frozen base alone (the
+        # reference model of preference tuning, with no second copy of the weights)
+        self.disabled = False
         self.reset_lora_parameters()
 
     @classmethod
@@ -134,6 +138,8 @@ class LoRALinear(nn.Module):
             base_out = _nf4().linear_nf4(x, self.weight)
         else:
             base_out = F.linear(x, self.weight)
+        if self.disabled:
+            return base_out if self.bias is None else base_out + self.bias
         dropped = self.dropout(x)
         if not self.use_dora:
             # s * B(A x) added inside the B matmul (addmm's beta=1), with s applied to the rank-r
@@ -187,6 +193,24 @@ class LoRALinear(nn.Module):
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """All LoRALinear submodules by their module path (e.g. ``layers.0.attn.q_proj``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this context every LoRA / DoRA layer of ``model`` computes its frozen base alone
+    (QLoRA: the NF4 base), so ``model`` is the model before fine-tuning: the reference of DPO-style
+    losses at no memory cost. Raises ``UserError`` if the model has no LoRA layers."""
+    layers = list(lora_modules(model).values())
+    if not layers:
+        raise UserError("adapters_disabled: the model has no LoRA layers; a full fine-tune needs its own "
+                        "reference model")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def _linear_children(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Linear]]:

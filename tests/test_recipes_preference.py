@@ -1,0 +1,164 @@
+"""End-to-end runs of the preference recipe (lora_dpo_single_device) on a tiny random Llama with the
+shipped tokenizer and the shipped preference pairs, on CPU: DPO starts at ln 2 with zero rewards,
+the packed layout and precomputed references give the live unpacked run's losses, resume is
+exact, KTO / ORPO / SimPO run through the same recipe, and checkpoints load in transformers / peft."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import tunekit.config
+from test_recipes_single_device import load_recipe, read_metrics, tiny_run  # noqa: F401  (fixture)
+from tunekit.config.resolvers import asset_path
+
+dpo_recipe = load_recipe("lora_dpo_single_device")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_cfg(tiny_run, out, *overrides, config="tiny/dpo"):
+    ckpt, data = tiny_run
+    pairs = asset_path("tiny_llama_preference")
+    cfg = tunekit.config.load(config, [
+        f"output_dir={out}", f"checkpoint_dir={ckpt}", "device=cpu", "dtype=fp32",
+        f"dataset.source={pairs}/train.jsonl", f"val_dataset.source={pairs}/val.jsonl",
+        f"forget_dataset.source={data}/pretrain_val.jsonl", "batch_size=4", "max_steps=4", "epochs=1",
+        "eval_every_n_steps=2", "eval_max_batches=2", "save_every_n_steps=100", "keep_last_n=null",
+        "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=0", "optimizer.lr=1e-2", "shuffle=false",
+        "metric_logging.tensorboard=false", "metric_logging.progress_bar=false", *overrides])
+    tunekit.config.validate(cfg, schema=dpo_recipe.CONFIG)
+    return cfg
+
+
+def test_dpo_starts_at_ln2_with_zero_rewards_and_learns(tiny_run, tmp_path):
+    # 8 pairs, one batch of 8 per step: every step sees the same pairs, so the loss must fall
+    few = tmp_path / "few.jsonl"
+    with open(os.path.join(asset_path("tiny_llama_preference"), "train.jsonl")) as f:
+        few.write_text("".join(f.readlines()[:8]))
+    out = tmp_path / "run"
+    dpo_recipe.main(make_cfg(tiny_run, out, "max_steps=6", "epochs=10", "batch_size=8", f"dataset.source={few}"))
+    rows = read_metrics(out)
+    first = rows[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference (LoRA B = 0)
+    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0 and first["rewards/accuracies"] == 0
+    for key in ("rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+        assert key in first and math.isfinite(first[key])
+    assert rows[-1]["loss"] < first["loss"] and rows[-1]["rewards/margins"] > 0
+    evaluated = rows[1]
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "forget_loss"):
+        assert key in evaluated, key
+
+
+def test_packed_pairs_and_precomputed_references_equal_the_live_unpacked_run(tiny_run, tmp_path):
+    dpo_recipe.main(make_cfg(tiny_run, tmp_path / "plain"))
+    dpo_recipe.main(make_cfg(tiny_run, tmp_path / "packed", "dataset.packed=true", "val_dataset.packed=true"))
+    dpo_recipe.main(make_cfg(tiny_run, tmp_path / "pre", "precompute_reference=true"))
+    plain, packed, pre = (read_metrics(tmp_path / n) for n in ("plain", "packed", "pre"))
+    for a, b, c in zip(plain, packed, pre, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=2e-5), (key, a["step"])
+                assert c[key] == pytest.approx(a[key], abs=2e-5), (key, a["step"])
+    cache = list((tmp_path / "pre" / "reference_logps").glob("*.pt"))
+    assert len(cache) == 2  # train and validation pairs
+    table = torch.load(sorted(cache, key=os.path.getsize)[-1], weights_only=True)
+    assert table.shape == (1000, 2) and bool(torch.isfinite(table).all())
+    # a later run on the same data and model reuses the cache (no second pass over the data)
+    dpo_recipe.main(make_cfg(tiny_run, tmp_path / "pre2", "precompute_reference=true", "max_steps=1",
+                             f"reference_cache_dir={tmp_path / 'pre' / 'reference_logps'}"))
+    assert read_metrics(tmp_path / "pre2")[0]["loss"] == pytest.approx(pre[0]["loss"], abs=1e-7)
+
+
+class _SignalAtStep:
+    def __init__(self, inner, at):
+        self.inner, self.at = inner, at
+
+    def __call__(self, *args, **kwargs):
+        for item in self.inner(*args, **kwargs):
+            if item[0] == self.at:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
+
+
+def test_ctrl_c_and_resume_reproduce_the_run_and_checkpoints_load_in_peft(tiny_run, tmp_path, monkeypatch):
+    args = ("max_steps=5", "gradient_accumulation_steps=2", "lora.dropout=0.1", "shuffle=true")
+    dpo_recipe.main(make_cfg(tiny_run, tmp_path / "full", *args))
+    expected = [r["loss"] for r in read_metrics(tmp_path / "full")]
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(dpo_recipe, "training_steps", _SignalAtStep(dpo_recipe.training_steps, at=3))
+    dpo_recipe.main(make_cfg(tiny_run, out, *args))
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_3"]
+    dpo_recipe.main(make_cfg(tiny_run, out, *args, "resume=true"))
+    assert [r["loss"] for r in read_metrics(out)] == expected  # exactly
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.models import from_hf
+    from tunekit.modules.peft import load_peft_adapter
+
+    ckpt, _ = tiny_run
+    step_dir = out / "step_5"
+    model = load_peft_adapter(from_hf(ckpt), step_dir / "adapter").eval()  # no adapter dropout
+    tokens = torch.randint(3, 1024, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(tokens)
+        merged = AutoModelForCausalLM.from_pretrained(step_dir).eval()(tokens).logits
+        peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt),
+                                                step_dir / "adapter").eval()(tokens).logits
+    torch.testing.assert_close(merged, ours, atol=1e-4, rtol=0)
+    torch.testing.assert_close(peft_logits, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["orpo", "simpo", "kto", "[sigmoid,sft]", "ipo"])
+def test_other_losses_run_through_the_same_recipe(tiny_run, tmp_path, loss):
+    overrides = [f"loss.loss_type={loss}", "max_steps=3"]
+    if loss == "kto":
+        pairs = asset_path("tiny_llama_preference")
+        overrides += ["dataset._component_=tunekit.data.kto_dataset", f"dataset.source={pairs}/train_kto.jsonl",
+                      "val_dataset._component_=tunekit.data.kto_dataset", f"val_dataset.source={pairs}/val_kto.jsonl",
+                      "dataset.max_seq_len=64", "val_dataset.max_seq_len=64"]
+    if loss in ("orpo", "simpo"):
+        overrides.append("loss.beta=1.0")
+    out = tmp_path / "run"
+    dpo_recipe.main(make_cfg(tiny_run, out, *overrides))
+    rows = read_metrics(out)
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    if loss == "kto":
+        assert "kl" in rows[0] and "rewards/accuracies" not in rows[0]
+    if loss in ("orpo", "simpo"):  # reference-free: nothing but the policy
+        assert rows[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)
+    assert (out / "step_3" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_config_mistakes_are_caught_by_validation(tiny_run, tmp_path):
+    with pytest.raises(tunekit.config.ConfigError, match=r"loss.loss_type: expected one of .*got 'sigmod'; did you mean sigmoid"):
+        make_cfg(tiny_run, tmp_path, "loss.loss_type=sigmod")
+    with pytest.raises(tunekit.config.ConfigError, match=r"loss_weights \[1.0\] has 1 value\(s\) but loss_type"):
+        make_cfg(tiny_run, tmp_path, "loss.loss_type=[sigmoid,sft]", "loss.loss_weights=[1.0]")
+    with pytest.raises(tunekit.config.UserError, match="precompute_reference=true: KTO"):
+        pairs = asset_path("tiny_llama_preference")
+        dpo_recipe.main(make_cfg(tiny_run, tmp_path / "kto", "loss.loss_type=kto", "precompute_reference=true",
+                                 "dataset._component_=tunekit.data.kto_dataset",
+                                 f"dataset.source={pairs}/train_kto.jsonl",
+                                 "val_dataset._component_=tunekit.data.kto_dataset",
+                                 f"val_dataset.source={pairs}/val_kto.jsonl"))
+
+
+def test_metrics_file_uses_trl_names(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    dpo_recipe.main(make_cfg(tiny_run, out, "max_steps=2"))
+    row = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected", "logits/chosen", "logits/rejected", "eval_rewards/accuracies"} <= row.keys()
