@@ -33,7 +33,7 @@ from tunekit.config import ConfigError, instantiate
 from tunekit.generation import generate_ids, load_inference_model
 from tunekit.training.data_loaders import eval_loader
 from tunekit.training.device import get_device, get_dtype
-from tunekit.modules.cross_entropy import count_label_tokens
+from tunekit.losses.cross_entropy import count_label_tokens
 from tunekit.config.schema import Component, Int, Str
 from tunekit.models.vocabulary import check_tokenizer_fits
 from tunekit.training.device import device_problem

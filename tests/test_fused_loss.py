@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tunekit.data.synthetic import random_token_dataset
 from tunekit.models import decoder_lm
 from tunekit.modules.peft import apply_lora
-from tunekit.modules.cross_entropy import linear_cross_entropy
+from tunekit.losses.cross_entropy import linear_cross_entropy
 
 torch.set_num_threads(1)
 
@@ -115,7 +115,7 @@ def test_random_token_dataset_rows_are_full_length_shifted_and_reproducible():
 def test_linear_token_log_probs_match_float64_with_per_token_gradients(weight_grad):
     """Per-token log p(label) of the fused projection (what preference losses sum per completion):
     values, the mean logits and the gradients of a weighted sum equal a float64 computation."""
-    from tunekit.modules.cross_entropy import linear_token_log_probs
+    from tunekit.losses.cross_entropy import linear_token_log_probs
 
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)

@@ -17,7 +17,7 @@ from tunekit.config import UserError
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
 from tunekit.training.device import get_device, get_dtype
 from tunekit.training.interrupt import stop_on_interrupt
-from tunekit.modules.cross_entropy import chunked_cross_entropy, count_label_tokens, linear_cross_entropy
+from tunekit.losses.cross_entropy import chunked_cross_entropy, count_label_tokens, linear_cross_entropy
 from tunekit.training.lr_schedules import constant_with_warmup, cosine_with_warmup
 from tunekit.training.metric_logging import MetricLogger, peak_memory_gib
 from tunekit.training.rng import get_rng_state, set_rng_state, set_seed
@@ -47,7 +47,7 @@ def test_chunked_cross_entropy_matches_float64_sum(num_chunks):
     torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-5, atol=1e-6)
     assert count_label_tokens(labels) == int((labels != -100).sum())
     from tunekit.data import CROSS_ENTROPY_IGNORE_INDEX
-    from tunekit.modules.cross_entropy import IGNORE_INDEX
+    from tunekit.losses.cross_entropy import IGNORE_INDEX
 
     assert IGNORE_INDEX == CROSS_ENTROPY_IGNORE_INDEX
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunekit.modules.attention import Attention
-from tunekit.modules.cross_entropy import IGNORE_INDEX, chunked_cross_entropy, linear_cross_entropy, linear_token_log_probs
+from tunekit.losses.cross_entropy import IGNORE_INDEX, chunked_cross_entropy, linear_cross_entropy, linear_token_log_probs
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -44,7 +44,7 @@ class TransformerDecoder(nn.Module):
     positions, when ``logits_to_keep`` > 0, as transformers' argument of that name). With ``labels: Long[b, s]`` (already
     shifted, -100 = no loss) it returns instead the SUM of the token cross-entropies (fp32
     scalar), computed with the output projection chunk by chunk
-    (:func:`tunekit.modules.cross_entropy.linear_cross_entropy`) so the logits are never materialised:
+    (:func:`tunekit.losses.cross_entropy.linear_cross_entropy`) so the logits are never materialised:
     much less memory and a faster step than logits + a loss. With ``labels`` and ``per_token=True``
     it returns ``(log_probs, logit_means)``, float32 [b, s] each, 0 where the label is -100: each
     position's ``log p(label)`` (with gradient) and the mean of its logits over the vocabulary (no

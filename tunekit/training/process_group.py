@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tunekit.config.errors import UserError, user_errors
-from tunekit.modules.cross_entropy import IGNORE_INDEX, count_label_tokens
+from tunekit.losses.cross_entropy import IGNORE_INDEX, count_label_tokens
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

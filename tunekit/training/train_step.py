@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from tunekit.checkpoint.errors import NonFiniteError
 from tunekit.checkpoint.step_folders import find_latest_checkpoint
-from tunekit.modules.cross_entropy import count_label_tokens
+from tunekit.losses.cross_entropy import count_label_tokens
 from tunekit.training.metric_logging import peak_memory_gib, reset_peak_memory
 from tunekit.training.process_group import sum_over_ranks
 

@@ -7,9 +7,9 @@ recipe divides by the number of such labels across all accumulated micro-batches
 docs/design.md. Summing instead of averaging per micro-batch is what makes gradient
 accumulation of 4 x 1 equal a batch of 4.
 
-It lives with the model modules because ``TransformerDecoder`` computes it inside its forward
-(so that wrappers such as FSDP2 see the output weight used there); the training helpers import it
-from here.
+``TransformerDecoder`` computes it inside its forward (so that wrappers such as FSDP2 see the
+output weight used there); ``linear_token_log_probs`` is the per-token form preference and RL
+losses start from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 # The Batch contract's tunekit.data.CROSS_ENTROPY_IGNORE_INDEX (a test checks they agree); not
-# imported so that the model modules do not pull in the whole data package.
+# imported so that the losses do not pull in the whole data package.
 IGNORE_INDEX = -100
 
 
