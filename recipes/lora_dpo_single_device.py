@@ -24,11 +24,9 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 import tunekit.config
-from tunekit.checkpoint.hf_checkpoint import weight_files
 from tunekit.checkpoint.step_folders import find_model_dir, load_recipe_state, save_recipe_state
 from tunekit.config import UserError, instantiate
 from tunekit.models.vocabulary import check_tokenizer_fits
@@ -44,16 +42,14 @@ from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.training.metric_logging import MetricLogger
 from tunekit.training.preference import (
     PreferenceMetrics,
-    WithReferenceLogps,
     evaluate_preference,
     is_kto,
     mean_chosen_tokens,
     needs_reference,
-    precompute_reference_logps,
     preference_objective,
-    reference_cache_key,
     reference_logps,
     sequence_logps,
+    with_precomputed_reference,
 )
 from tunekit.training.recipe_config import (
     FSDP,
@@ -94,23 +90,6 @@ def build_model(cfg, device: torch.device, dtype: torch.dtype, resume_dir: Path 
         for layer in model.layers:
             layer.compile()
     return model
-
-
-def with_reference(cfg, model: nn.Module, dataset, name: str, device: torch.device):
-    """``dataset`` carrying its reference log-probs, computed once with the adapters off (cached
-    in ``reference_cache_dir``), when ``precompute_reference`` is on; else ``dataset`` itself."""
-    if dataset is None or not cfg.precompute_reference or not needs_reference(cfg.loss):
-        return dataset
-    if is_kto(cfg.loss):
-        raise UserError("precompute_reference=true: KTO's KL completions pair each example with another of its "
-                        "batch, which changes every epoch; set precompute_reference=false for loss_type kto")
-    node = OmegaConf.to_container(cfg[name], resolve=True)
-    key = reference_cache_key(name, node, OmegaConf.to_container(cfg.tokenizer, resolve=True), cfg.dtype,
-                              len(dataset), files=[*weight_files(Path(cfg.checkpoint_dir)),
-                                                   Path(cfg.checkpoint_dir) / "config.json"])
-    table = precompute_reference_logps(model, dataset, cache_dir=cfg.reference_cache_dir, key=key,
-                                       batch_size=cfg.batch_size, device=device, adapters_off=True)
-    return WithReferenceLogps(dataset, table)
 
 
 def train_step(cfg, model: nn.Module, micro_batches: list, *, trainable: list, optimizer, lr_scheduler,
@@ -176,8 +155,11 @@ def main(cfg) -> None:
 
     tokenizer = instantiate(cfg.tokenizer)
     check_tokenizer_fits(tokenizer, model, model_source=cfg.checkpoint_dir)
-    train_set = with_reference(cfg, model, instantiate(cfg.dataset, tokenizer), "dataset", device)
-    val_set = with_reference(cfg, model, instantiate(cfg.val_dataset, tokenizer), "val_dataset", device)
+    # with precompute_reference: the base's log-probs (adapters off) computed once, cached on disk
+    train_set = with_precomputed_reference(cfg, model, instantiate(cfg.dataset, tokenizer), "dataset", device,
+                                           adapters_off=True)
+    val_set = with_precomputed_reference(cfg, model, instantiate(cfg.val_dataset, tokenizer), "val_dataset",
+                                         device, adapters_off=True)
     sampler = ResumableSampler(len(train_set), shuffle=cfg.shuffle, seed=cfg.seed)
     loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
     pair_sets = {} if val_set is None else {

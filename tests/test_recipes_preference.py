@@ -36,7 +36,8 @@ def make_cfg(tiny_run, out, *overrides, config="tiny/dpo"):
         "eval_every_n_steps=2", "eval_max_batches=2", "save_every_n_steps=100", "keep_last_n=null",
         "log_every_n_steps=1", "lr_scheduler.num_warmup_steps=0", "optimizer.lr=1e-2", "shuffle=false",
         "metric_logging.tensorboard=false", "metric_logging.progress_bar=false", *overrides])
-    tunekit.config.validate(cfg, schema=dpo_recipe.CONFIG)
+    if config == "tiny/dpo":
+        tunekit.config.validate(cfg, schema=dpo_recipe.CONFIG)
     return cfg
 
 
@@ -162,3 +163,86 @@ def test_metrics_file_uses_trl_names(tiny_run, tmp_path):
     row = json.loads((out / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "logits/chosen", "logits/rejected", "eval_rewards/accuracies"} <= row.keys()
+
+
+# -- 2 processes (torchrun, gloo, CPU) against one device -----------------------------------------
+
+@pytest.fixture(scope="module")
+def distributed_runs(tiny_run, tmp_path_factory):
+    """lora_dpo_distributed and full_dpo_distributed on 2 processes, full_dpo_distributed on 1, the
+    single-device LoRA reference in this process, then a 2-process resume of the LoRA run."""
+    from native_crash import retry_after_native_crash
+
+    return retry_after_native_crash(_distributed_runs, tiny_run, tmp_path_factory)
+
+
+def _distributed_runs(tiny_run, tmp_path_factory, attempt):
+    import shutil
+
+    from omegaconf import OmegaConf
+    from test_recipes_distributed import launch, two_procs, wait
+
+    from free_port import free_port
+
+    root = tmp_path_factory.mktemp(f"dpo_dist{attempt}_")
+    common = ["max_steps=4", "gradient_accumulation_steps=2", "eval_every_n_steps=2", "save_every_n_steps=2",
+              "dataset.packed=true", "val_dataset.packed=true"]
+
+    def config_file(name, config, *extra):
+        """The run's whole config, resolved, as a file for `tunekit run --config`."""
+        path = root / f"{name}.yaml"
+        OmegaConf.save(make_cfg(tiny_run, root / name, *common, *extra, config=config), path, resolve=True)
+        return str(path)
+
+    def start(torchrun_args, recipe, name, config, *extra):
+        log = root / f"{name}.log"
+        return launch(torchrun_args, recipe, config_file(name, config, *extra), [], log), log
+
+    r = {n: root / n for n in ("lora2", "full2", "full1", "ref_lora", "lora_resumed")}
+    full = ("optimizer.lr=1e-3",)
+    procs = [start(two_procs(), "lora_dpo_distributed", "lora2", "tiny/dpo", "batch_size=2"),
+             start(two_procs(), "full_dpo_distributed", "full2", "tiny/full_dpo", "batch_size=2", *full),
+             start(["--nproc_per_node", "1", "--master_port", str(free_port())], "full_dpo_distributed", "full1",
+                   "tiny/full_dpo", "batch_size=4", *full)]
+    dpo_recipe.main(make_cfg(tiny_run, r["ref_lora"], *common, "batch_size=4"))
+    wait(procs)
+    r["lora_resumed"].mkdir()
+    shutil.copytree(r["lora2"] / "step_2", r["lora_resumed"] / "step_2")
+    wait([start(two_procs(), "lora_dpo_distributed", "lora_resumed", "tiny/dpo", "batch_size=2", "resume=true")])
+    return r
+
+
+def _assert_curves_match(run, reference, tol=1e-5):
+    rows, ref_rows = read_metrics(run), read_metrics(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    for row, ref in zip(rows, ref_rows):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "eval_loss", "eval_rewards/accuracies"):
+            if key in ref:
+                assert row[key] == pytest.approx(ref[key], abs=tol), (key, row["step"])
+
+
+def test_lora_dpo_on_2_processes_equals_one_device_and_resumes_exactly(distributed_runs):
+    _assert_curves_match(distributed_runs["lora2"], distributed_runs["ref_lora"])
+    resumed = read_metrics(distributed_runs["lora_resumed"])
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in read_metrics(distributed_runs["lora2"])[2:]]
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(distributed_runs["lora2"] / "step_4" / "adapter").r == 16
+
+
+def test_full_dpo_on_2_processes_equals_1_and_loads_in_transformers(distributed_runs, tiny_run):
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.models import from_hf
+
+    _assert_curves_match(distributed_runs["full2"], distributed_runs["full1"])
+    assert read_metrics(distributed_runs["full1"])[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    step_dir = distributed_runs["full2"] / "step_4"
+    tokens = torch.randint(3, 1024, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = from_hf(step_dir)(tokens)
+        theirs = AutoModelForCausalLM.from_pretrained(step_dir).eval()(tokens).logits
+        base = from_hf(tiny_run[0])(tokens)
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)

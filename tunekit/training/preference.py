@@ -7,11 +7,12 @@ the configured loss (the DPO family, SimPO/CPO/ORPO, KTO), and the step's metric
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,13 @@ from tunekit.losses.preference import (
     preference_metric_sums,
 )
 from tunekit.modules.peft import adapters_disabled
-from tunekit.training.process_group import get_world_size_and_rank, is_distributed, log_rank_zero, sum_over_ranks
+from tunekit.training.process_group import (
+    broadcast_from_rank0,
+    get_world_size_and_rank,
+    is_distributed,
+    log_rank_zero,
+    sum_over_ranks,
+)
 
 log = logging.getLogger("tunekit.training.preference")
 
@@ -296,6 +303,32 @@ class WithReferenceLogps(torch.utils.data.Dataset):
         return out
 
 
+def with_precomputed_reference(cfg, reference: nn.Module | Callable[[], nn.Module], dataset, name: str,
+                               device: torch.device, *, adapters_off: bool):
+    """``dataset`` (the config's ``name`` node built) carrying its reference log-probs, computed
+    once by ``reference`` (a model, or a function building it when the cache does not hold them
+    yet; ``adapters_off``: the LoRA policy with its adapters switched off) and
+    cached in ``cfg.reference_cache_dir`` under a key of the data, the tokenizer, the dtype and the
+    reference checkpoint's files, when ``cfg.precompute_reference`` is on and the loss has a
+    reference; else ``dataset`` itself (also None for a null node). Collective under a process group."""
+    from omegaconf import OmegaConf
+
+    from tunekit.checkpoint.hf_checkpoint import weight_files
+
+    if dataset is None or not cfg.precompute_reference or not needs_reference(cfg.loss):
+        return dataset
+    if is_kto(cfg.loss):
+        raise UserError("precompute_reference=true: KTO's KL completions pair each example with another of its "
+                        "batch, which changes every epoch; set precompute_reference=false for loss_type kto")
+    checkpoint = Path(cfg.checkpoint_dir)
+    key = reference_cache_key(name, OmegaConf.to_container(cfg[name], resolve=True),
+                              OmegaConf.to_container(cfg.tokenizer, resolve=True), cfg.dtype, len(dataset),
+                              files=[*weight_files(checkpoint), checkpoint / "config.json"])
+    table = precompute_reference_logps(reference, dataset, cache_dir=cfg.reference_cache_dir, key=key,
+                                       batch_size=cfg.batch_size, device=device, adapters_off=adapters_off)
+    return WithReferenceLogps(dataset, table)
+
+
 def reference_cache_key(*parts: Any, files: Iterable[str | os.PathLike] = ()) -> str:
     """A hex key naming the reference log-probs of some data under some reference model: a hash of
     ``parts`` (the dataset and tokenizer config, the dtype, ...) and of each file's path, size and
@@ -307,27 +340,31 @@ def reference_cache_key(*parts: Any, files: Iterable[str | os.PathLike] = ()) ->
     return h.hexdigest()[:24]
 
 
-def precompute_reference_logps(model: nn.Module, dataset, *, cache_dir: str | os.PathLike, key: str,
-                               batch_size: int, device: torch.device, adapters_off: bool,
+def precompute_reference_logps(model: nn.Module | Callable[[], nn.Module], dataset, *, cache_dir: str | os.PathLike,
+                               key: str, batch_size: int, device: torch.device, adapters_off: bool,
                                chunk_batches: int = 8) -> torch.Tensor:
     """The reference log-probs [len(dataset), 2] of a paired dataset, computed once and cached as
     ``<cache_dir>/<key>.pt`` (reused by any later run with the same key; a run stopped mid-way
-    continues from ``<key>.partial.pt``). ``model`` is the reference (``adapters_off``: a LoRA
-    policy with its adapters switched off). Under a process group every rank computes every
-    ``world_size``-th batch of each chunk and the results are gathered (collective: FSDP needs
-    every rank in each forward, so ranks without a batch of their own run a copy of one)."""
+    continues from ``<key>.partial.pt``). ``model`` is the reference, or a function building it
+    (called only when something is left to compute); ``adapters_off``: a LoRA policy with its
+    adapters switched off. Under a process group rank 0 reads and writes the cache (its table is
+    broadcast), and every rank computes every ``world_size``-th batch of each chunk, the results
+    gathered (collective: FSDP needs every rank in each forward, so ranks without a batch of their
+    own run a copy of one)."""
     cache = Path(cache_dir)
     final, partial = cache / f"{key}.pt", cache / f"{key}.partial.pt"
-    if final.is_file():
-        table = _load_table(final)
-        if table.shape == (len(dataset), 2):
-            log_rank_zero(log, f"reference log-probs: reusing {final}")
-            return table
-        raise CheckpointError(f"{final}: holds {table.shape[0]} pairs but the dataset has {len(dataset)}; delete it")
-    done = _load_table(partial) if partial.is_file() else torch.empty(0, 2)
     world, rank = get_world_size_and_rank()
+    cached = broadcast_from_rank0(_load_table(final) if rank == 0 and final.is_file() else None)
+    if cached is not None:
+        if cached.shape != (len(dataset), 2):
+            raise CheckpointError(f"{final}: holds {cached.shape[0]} pairs but the dataset has {len(dataset)}; "
+                                  "delete it")
+        log_rank_zero(log, f"reference log-probs: reusing {final}")
+        return cached
+    done = broadcast_from_rank0(_load_table(partial) if rank == 0 and partial.is_file() else torch.empty(0, 2))
     if len(done):
         log_rank_zero(log, f"reference log-probs: continuing at pair {len(done)} of {len(dataset)} ({partial})")
+    model = model if isinstance(model, nn.Module) else model()
     was_training = model.training
     model.eval()
     n = len(dataset)
@@ -337,21 +374,14 @@ def precompute_reference_logps(model: nn.Module, dataset, *, cache_dir: str | os
         for c in range(0, len(batches), per_chunk):
             chunk = batches[c:c + per_chunk]
             mine = chunk[rank::world] or [chunk[0]]  # a rank without a batch runs a copy (collectives)
-            rounds = -(-len(chunk) // world)
             results = []
-            for r in range(rounds):
-                indices = mine[r] if r < len(mine) else mine[-1]
-                batch = dataset.collate([dataset[i] for i in indices])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.no_grad():
-                    if adapters_off:
-                        with adapters_disabled(model):
-                            logps = sequence_logps(model, batch).logps
-                    else:
-                        logps = sequence_logps(model, batch).logps
+            for r in range(-(-len(chunk) // world)):
+                indices = mine[min(r, len(mine) - 1)]
+                batch = {k: v.to(device) for k, v in dataset.collate([dataset[i] for i in indices]).items()}
+                with torch.no_grad(), (adapters_disabled(model) if adapters_off else contextlib.nullcontext()):
+                    logps = sequence_logps(model, batch).logps
                 results.append((indices, logps.view(-1, 2).float().cpu()))
-            table = torch.cat([done, _gather_rows(results, chunk, world, rank)])
-            done = table
+            done = torch.cat([done, _gather_rows(results, chunk, world)])
             if rank == 0:
                 cache.mkdir(parents=True, exist_ok=True)
                 _atomic_save(done, partial)
@@ -359,13 +389,13 @@ def precompute_reference_logps(model: nn.Module, dataset, *, cache_dir: str | os
     finally:
         model.train(was_training)
     if rank == 0:
+        cache.mkdir(parents=True, exist_ok=True)
         _atomic_save(done, final)
         partial.unlink(missing_ok=True)
     return done
 
 
-def _gather_rows(results: list[tuple[list[int], torch.Tensor]], chunk: list[list[int]], world: int,
-                 rank: int) -> torch.Tensor:
+def _gather_rows(results: list[tuple[list[int], torch.Tensor]], chunk: list[list[int]], world: int) -> torch.Tensor:
     """Every rank's (indices, rows) of a chunk -> the chunk's rows in dataset order, on every rank."""
     mine = {i: row for indices, rows in results for i, row in zip(indices, rows)}
     if is_distributed():
