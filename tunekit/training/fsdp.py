@@ -19,12 +19,14 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     set_model_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from tunekit.config.errors import UserError
 from tunekit.modules.rope import reset_rope_buffers
@@ -239,14 +241,52 @@ def load_full_state_dict(
     set_model_state_dict(model, state, options=options)
 
 
+@torch.no_grad()
 def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """Full, unsharded CPU tensors on rank 0 ({} on other ranks), keyed by tunekit names, for
     writing HF / PEFT checkpoints from rank 0. ``trainable_only`` keeps just the parameters with
     ``requires_grad`` (LoRA adapters), which skips gathering the frozen base. Collective: call on
-    every rank."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state = get_model_state_dict(model, options=options)
-    return state if is_rank_zero() else {}
+    every rank.
+
+    Each value has its parameter's full shape (e.g. ``[out_features, in_features]`` for a Linear
+    weight) and stored dtype; frozen QLoRA bases come back as NF4 tensors of that shape
+    (dequantize them before writing safetensors). Parameters are gathered one at a time and every
+    collective has finished on every rank when this returns; a rank other than 0 holds at most one
+    full parameter at a time.
+    """
+    # Why not get_model_state_dict(full_state_dict=True, cpu_offload=True), which this replaced:
+    # torchao all-gathers an NF4 DTensor as three functional all-gathers of its inner tensors and
+    # returns an NF4 tensor whose inner tensors are still in flight (waited on first use). torch
+    # keeps only rank 0's values, so the other ranks never waited: 3 works per NF4 weight stayed
+    # in torch's functional-collective registry after every gather (42 more per gather of the
+    # 14-weight test model, on every rank), and rank 0 returned in 0.04 s while rank 1 joined 2 s
+    # late (2.03 s for fp32 weights). Waiting here ends that, but it did NOT end the rare native
+    # gloo crash it was suspected of (heap corruption / SIGSEGV while gathering NF4 weights: still
+    # 3 crashes and a hang in ~200 gathers of scripts/repro_gloo_crash.py's gather-loop with this
+    # function); see docs/distributed.md, "Native crash rate under gloo".
+    sharded = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=trainable_only))
+    keep = is_rank_zero()
+    full: dict[str, torch.Tensor] = {}
+    for name, value in sharded.items():
+        if isinstance(value, DTensor):
+            value = _finished(value.full_tensor())  # collective: every rank, same order
+        if keep:
+            full[name] = value.to("cpu")
+        del value  # other ranks: drop this parameter before gathering the next
+    return full
+
+
+def _finished(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (any shape) with every functional collective that produces it, or any of its
+    inner tensors (tensor subclasses such as NF4, via ``__tensor_flatten__``), waited on."""
+    if isinstance(tensor, AsyncCollectiveTensor):
+        return tensor.wait()
+    if type(tensor) is torch.Tensor or not hasattr(tensor, "__tensor_flatten__"):
+        # a no-op unless the tensor is the pending output of a functional collective
+        return torch.ops._c10d_functional.wait_tensor(tensor)
+    names, context = tensor.__tensor_flatten__()
+    inner = {n: _finished(getattr(tensor, n)) for n in names}
+    return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
 
 
 def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
