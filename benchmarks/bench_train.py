@@ -3,12 +3,17 @@
     python benchmarks/bench_train.py --recipe lora_finetune_single_device --dtype bf16 --steps 20
     python benchmarks/bench_train.py --recipe full_finetune_single_device --dtype fp32
     python benchmarks/bench_train.py --recipe lora_finetune_distributed --nproc 2
+    python benchmarks/bench_train.py --recipe lora_dpo_single_device [--precompute-reference] [--packed]
 
 The workload (docs/benchmarks.md): a random-init (seed 0) Llama 3 architecture with vocab 32000,
 8 layers, 8 heads / 4 kv heads, dim 512, MLP 1536 (57,942,528 parameters), uniform random token
 sequences of exactly 512 tokens, batch 4 (2048 tokens per optimizer step, no accumulation),
 AdamW at a constant lr (3e-4 LoRA, 2e-5 full), LoRA rank 8 / alpha 16 / dropout 0 on q, k, v and
-output projections, 2 threads.
+output projections, 2 threads. The DPO workload (shared/bench-llama-tiny-dpo.md): 4 pairs per step
+of a 256-token prompt and two 256-token completions (two 512-token sequences per pair, 4,096
+tokens through the policy), DPO ``sigmoid`` with beta 0.1, lr 5e-6, the reference the base with
+the adapters off (``--precompute-reference``: its log-probs computed before the timed steps);
+``--packed`` lays each pair out with its prompt once (3 x 256 tokens per pair).
 
 Nothing of the training loop is re-implemented here: the model is written as an HF checkpoint
 folder, and the recipe runs in a child process through the real CLI (``tunekit run <recipe>
@@ -42,7 +47,8 @@ VOCAB, LAYERS, HEADS, KV_HEADS, DIM, HIDDEN, MAX_SEQ_LEN = 32_000, 8, 8, 4, 512,
 SEQ_LEN, BATCH = 512, 4
 PARAMS, NON_EMBEDDING_PARAMS = 57_942_528, 41_558_528  # bench-llama-tiny.md
 LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "output_proj"]}
-LR = {"lora": 3e-4, "full": 2e-5}
+LR = {"lora": 3e-4, "full": 2e-5, "dpo": 5e-6}
+PROMPT_LEN = COMPLETION_LEN = 256  # bench-llama-tiny-dpo.md
 MATMUL_N = 2048
 HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": DIM,
@@ -68,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--keep", metavar="DIR", default=None, help="keep the checkpoint and run folders in DIR")
+    p.add_argument("--precompute-reference", action="store_true",
+                   help="DPO recipes: reference log-probs computed once before training")
+    p.add_argument("--packed", action="store_true", help="DPO recipes: pairs in the packed shared-prompt layout")
     p.add_argument("overrides", nargs="*", help="extra recipe key=value overrides (e.g. activation_checkpointing=true)")
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 1:
@@ -79,6 +88,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.recipe.startswith(("lora_", "full_")):
         p.error(f"--recipe must be a lora_* or full_* recipe, got {args.recipe}")
     return args
+
+
+def is_dpo(recipe: str) -> bool:
+    return "_dpo_" in recipe
+
+
+def tokens_per_step(recipe: str) -> int:
+    """Tokens through the policy per optimizer step (counted as the workloads define them: a DPO
+    pair is two full 512-token sequences, also in the packed layout, which computes fewer)."""
+    return BATCH * 2 * (PROMPT_LEN + COMPLETION_LEN) if is_dpo(recipe) else BATCH * SEQ_LEN
+
+
+def dpo_flops_per_token(live_reference: bool) -> float:
+    """bench-llama-tiny-dpo.md: the LoRA policy's 4N + adapters + attention per token, plus, with a
+    live reference, its forward: 2N + 4 L d s."""
+    reference = 2 * NON_EMBEDDING_PARAMS + 4 * LAYERS * DIM * SEQ_LEN if live_reference else 0
+    return flops_per_token("lora") + reference
 
 
 def flops_per_token(kind: str) -> float:
@@ -129,18 +155,28 @@ def write_checkpoint(folder: Path) -> None:
 def recipe_overrides(args: argparse.Namespace, kind: str, checkpoint_dir: Path, output_dir: Path) -> list[str]:
     dataset = ("{_component_: tunekit.data.synthetic.random_token_dataset, "
                f"vocab_size: {VOCAB}, seq_len: {SEQ_LEN}, num_samples: {args.steps * BATCH}, seed: 0}}")
+    if is_dpo(args.recipe):
+        packed = f", packed_len: {BATCH * 3 * SEQ_LEN // 2}" if args.packed else ""
+        dataset = ("{_component_: tunekit.data.synthetic.random_preference_dataset, "
+                   f"vocab_size: {VOCAB}, prompt_len: {PROMPT_LEN}, completion_len: {COMPLETION_LEN}, "
+                   f"num_pairs: {args.steps * BATCH}, seed: 0{packed}}}")
     never = 10 * args.steps  # eval and checkpoints only at the end (after the timed steps)
     overrides = [
         f"checkpoint_dir={checkpoint_dir}", f"output_dir={output_dir}", "device=cpu", f"dtype={args.dtype}",
         "seed=0", "resume=false", f"dataset={dataset}", "val_dataset=null", "forget_dataset=null",
         "shuffle=false", "num_workers=0", f"batch_size={BATCH // args.nproc}", "gradient_accumulation_steps=1",
-        "epochs=1", f"max_steps={args.steps}", f"optimizer.lr={LR[kind]}", "optimizer.weight_decay=0.0",
+        "epochs=1", f"max_steps={args.steps}", f"optimizer.lr={LR['dpo' if is_dpo(args.recipe) else kind]}",
+        "optimizer.weight_decay=0.0",
         "lr_scheduler=tunekit.training.lr_schedules.constant_with_warmup", "lr_scheduler.num_warmup_steps=0",
         f"activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"compile={str(args.compile).lower()}", f"eval_every_n_steps={never}", f"save_every_n_steps={never}",
         "activation_offloading=false", "keep_last_n=1", "log_every_n_steps=1", "metric_logging.tensorboard=false",
         "metric_logging.progress_bar=false", "metric_logging.stdout=true",
     ]
+    if is_dpo(args.recipe):
+        overrides += ["loss.loss_type=sigmoid", "loss.beta=0.1", "loss.label_smoothing=0.0",
+                      f"precompute_reference={str(args.precompute_reference).lower()}",
+                      f"reference_cache_dir={output_dir / 'reference_logps'}"]
     if kind == "lora":
         overrides += [f"lora.targets=[{','.join(LORA['targets'])}]", f"lora.rank={LORA['rank']}",
                       f"lora.alpha={LORA['alpha']}", "lora.dropout=0.0", "lora.use_dora=false",
@@ -241,7 +277,8 @@ def run_recipe(args: argparse.Namespace, overrides: list[str], output_dir: Path,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     kind = "lora" if args.recipe.startswith("lora_") else "full"
-    config = args.config or f"tiny/{kind}"
+    config = args.config or ("tiny/dpo" if is_dpo(args.recipe) and kind == "lora" else
+                              "tiny/full_dpo" if is_dpo(args.recipe) else f"tiny/{kind}")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     loadavg = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"] * 3
     print(f"load average before: {' '.join(loadavg)} (on {os.cpu_count()} CPUs)")
@@ -266,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = result["rows"]
     if [r["step"] for r in rows] != list(range(1, args.steps + 1)):
         raise SystemExit(f"expected metric rows for steps 1..{args.steps}, got {[r['step'] for r in rows]}")
-    tokens = BATCH * SEQ_LEN
+    tokens = tokens_per_step(args.recipe)
     # wall-clock gap to the previous row; step 1 has none, so its in-step time is shown
     seconds = [tokens / rows[0]["tokens_per_second"]]  # the recipes count the tokens of all ranks
     seconds += [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
@@ -276,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     timed = seconds[args.warmup:]
     median = statistics.median(timed)
     tokens_per_second = tokens / median
-    flops = flops_per_token(kind)
+    flops = dpo_flops_per_token(not args.precompute_reference) if is_dpo(args.recipe) else flops_per_token(kind)
     mfu = tokens_per_second * flops / peak
     rss_training = {rank: kib / 1024 for rank, kib in sorted(result["hwm_training"].items())}
     rss_all = {rank: kib / 1024 for rank, kib in sorted(result["hwm_all"].items())}
@@ -293,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(load average before {loadavg[0]})")
     summary = {
         "recipe": args.recipe, "dtype": args.dtype, "nproc": args.nproc, "threads": args.threads,
+        "precompute_reference": args.precompute_reference, "packed": args.packed,
+        "pairs_per_second": round(tokens_per_second / (2 * (PROMPT_LEN + COMPLETION_LEN)), 2) if is_dpo(args.recipe)
+        else None,
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
         "steps": args.steps, "median_step_seconds": round(median, 4),
         "tokens_per_second": round(tokens_per_second, 1), "mfu": round(mfu, 4),

@@ -410,3 +410,24 @@ def test_shipped_preference_set(model):  # (the fixture sets one thread)
     for (c, cl), (r, rl) in pairs:  # the whole prompt is shared but for its last token's copy
         assert shared_prefix_len(c, r, rl) == next(k for k, t in enumerate(cl) if t != IGNORE) > 5
     check_layouts(tiny_model(tok.vocab_size), pairs, packed_len=128, pad_id=tok.pad_id)
+
+
+def test_random_preference_dataset_is_a_preference_dataset(model):
+    """The benchmark's synthetic pairs: the prompt shared, the targets exactly the completions, the
+    packed layout equal to the unpacked one; bad sizes are user errors."""
+    from tunekit.data.synthetic import random_preference_dataset
+
+    ds = random_preference_dataset(vocab_size=TOK.vocab_size, prompt_len=5, completion_len=3, num_pairs=4, seed=1)
+    ex = ds[2]
+    assert ex == ds[2] and ex != ds[1]
+    assert ex["chosen_tokens"][:5] == ex["rejected_tokens"][:5] and len(ex["chosen_tokens"]) == 8
+    for name in ("chosen", "rejected"):
+        assert [t for t in ex[f"{name}_labels"] if t != -100] == ex[f"{name}_tokens"][5:]
+    items = [ds[i] for i in range(len(ds))]
+    pairs = [((e["chosen_tokens"], e["chosen_labels"]), (e["rejected_tokens"], e["rejected_labels"])) for e in items]
+    check_layouts(model, pairs, packed_len=24)
+    packed = random_preference_dataset(vocab_size=TOK.vocab_size, prompt_len=5, completion_len=3, num_pairs=4,
+                                       seed=1, packed_len=24)
+    assert "mask" in packed.collate(items) and "mask" not in ds.collate(items)
+    with pytest.raises(UserError, match="prompt_len"):
+        random_preference_dataset(vocab_size=10, prompt_len=0, completion_len=3, num_pairs=4)

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from tunekit.config.errors import UserError
+from tunekit.data.preference import preference_collate
+
 
 class RandomTokenDataset(Dataset):
     """``num_samples`` rows of ``seq_len + 1`` uniform random ids in ``[0, vocab_size)``; row i
@@ -30,7 +33,7 @@ class RandomTokenDataset(Dataset):
     def __init__(self, *, vocab_size: int, seq_len: int, num_samples: int, seed: int = 0):
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("num_samples", num_samples)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"random_token_dataset: {name} must be a positive integer, got {value!r}")
+                raise UserError(f"random_token_dataset: {name} must be a positive integer, got {value!r}")
         self.vocab_size, self.seq_len, self.num_samples, self.seed = vocab_size, seq_len, num_samples, seed
 
     def __len__(self) -> int:
@@ -52,3 +55,49 @@ def random_token_dataset(tokenizer=None, *, vocab_size: int, seq_len: int, num_s
                          seed: int = 0) -> RandomTokenDataset:
     """Dataset builder with the recipes' signature (the tokenizer they pass is not needed)."""
     return RandomTokenDataset(vocab_size=vocab_size, seq_len=seq_len, num_samples=num_samples, seed=seed)
+
+
+class RandomPreferenceDataset(Dataset):
+    """``num_pairs`` preference pairs of uniform random ids: a prompt of ``prompt_len`` tokens and
+    two completions of ``completion_len`` (so two sequences of ``prompt_len + completion_len``
+    tokens per pair, no padding). Pair i depends only on (``seed``, i). Items and batches are
+    those of ``tunekit.data.preference.PreferenceDataset`` (the Preference batch contract): the
+    targets are the completions' tokens, each predicted from the position before it."""
+
+    def __init__(self, *, vocab_size: int, prompt_len: int, completion_len: int, num_pairs: int, seed: int = 0,
+                 packed_len: int | None = None):
+        for name, value in (("vocab_size", vocab_size), ("prompt_len", prompt_len),
+                            ("completion_len", completion_len), ("num_pairs", num_pairs)):
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"random_preference_dataset: {name} must be a positive integer, got {value!r}")
+        self.vocab_size, self.prompt_len, self.completion_len = vocab_size, prompt_len, completion_len
+        self.num_pairs, self.seed, self.packed_len = num_pairs, seed, packed_len
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if not 0 <= index < self.num_pairs:
+            raise IndexError(f"index {index} out of range for {self.num_pairs} pairs")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        ids = torch.randint(self.vocab_size, (self.prompt_len + 2 * self.completion_len,), generator=generator).tolist()
+        prompt, chosen, rejected = (ids[:self.prompt_len], ids[self.prompt_len:self.prompt_len + self.completion_len],
+                                    ids[self.prompt_len + self.completion_len:])
+        item = {}
+        for name, completion in (("chosen", chosen), ("rejected", rejected)):
+            tokens = prompt + completion
+            # labels[i] = tokens[i + 1] where that token is a completion token, else -100
+            labels = [-100] * (self.prompt_len - 1) + completion + [-100]
+            item[f"{name}_tokens"], item[f"{name}_labels"] = tokens, labels
+        return item
+
+    def collate(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return preference_collate(batch, pad_id=0, packed_len=self.packed_len)
+
+
+def random_preference_dataset(tokenizer=None, *, vocab_size: int, prompt_len: int, completion_len: int,
+                              num_pairs: int, seed: int = 0, packed_len: int | None = None) -> RandomPreferenceDataset:
+    """Preference dataset builder with the recipes' signature (the tokenizer is not needed);
+    ``packed_len``: the packed shared-prompt layout with rows of that many tokens."""
+    return RandomPreferenceDataset(vocab_size=vocab_size, prompt_len=prompt_len, completion_len=completion_len,
+                                   num_pairs=num_pairs, seed=seed, packed_len=packed_len)
