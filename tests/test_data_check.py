@@ -1,6 +1,7 @@
 """tunekit data check: planted exact/near duplicates and eval contamination are found, clean data is clean."""
 
 import json
+import re
 import random
 
 import numpy as np
@@ -100,3 +101,21 @@ def test_registered_in_the_tunekit_command(planted, capsys):
     args = cli_main.build_parser().parse_args(["data", "check", str(train), "--eval", str(evals)])
     assert args.func(args) == 0
     assert "near duplicates (MinHash, word 5-grams): 1 pair(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config, fmt", [("tiny/lora", "openai"), ("tiny/dpo", "preference"), ("tiny/kto", "kto")])
+def test_shipped_configs_by_name(config, fmt, capsys):
+    """A built-in config name: its dataset and val_dataset files, in the format its builder reads."""
+    assert data_check_main(["check", config]) == 0
+    out = capsys.readouterr().out
+    assert f"format: {fmt}" in out and "bad rows: 0" in out
+    assert re.search(r"rows: \d+ train, \d+ eval", out), out
+
+
+def test_kto_rows_are_checked_for_bad_labels(tmp_path, capsys):
+    rows = [{"prompt": "2+2?", "completion": "4", "label": True}, {"prompt": "2+2?", "completion": "5", "label": "maybe"}]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert data_check_main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "format: kto" in out and "kto.jsonl:2" in out and "label" in out

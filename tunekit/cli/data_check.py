@@ -18,7 +18,7 @@ from tunekit.config.errors import UserError
 
 # The builder a config names decides the row format (its `format` key, when present, wins).
 _BUILDER_FORMATS = {"instruct_dataset": "alpaca", "chat_dataset": "openai",
-                    "text_completion_dataset": "text", "preference_dataset": "preference"}
+                    "text_completion_dataset": "text", "preference_dataset": "preference", "kto_dataset": "kto"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="a config .yaml or data files/directories")
     p.add_argument("--eval", nargs="+", default=None, help="eval files checked for contamination")
     p.add_argument("--format", default=None,
-                   help="auto, alpaca, input_output, sharegpt, openai, preference or text (default: auto)")
+                   help="auto, alpaca, input_output, sharegpt, openai, preference, kto or text (default: auto)")
     p.add_argument("--column-map", nargs="*", default=[], metavar="EXPECTED=ACTUAL",
                    help="column names, e.g. output=response")
     p.add_argument("--tokenizer", default=None, help="HF checkpoint dir: count lengths in tokens")
@@ -45,6 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _config_settings(path: Path) -> dict:
     from omegaconf import OmegaConf
 
+    from tunekit.checkpoint.step_folders import find_model_dir
     from tunekit.config import instantiate, load
 
     cfg = load(path)  # also registers the ${asset:...} resolver
@@ -52,7 +53,9 @@ def _config_settings(path: Path) -> dict:
         raise UsageError(f"{path}: no 'dataset' key; pass data files instead")
     ds = cfg.dataset
     builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
-    source = OmegaConf.to_container(ds.source, resolve=True) if "source" in ds else None
+    source = OmegaConf.select(cfg, "dataset.source")  # resolved: a string, or a list / {train, validation} node
+    if OmegaConf.is_config(source):
+        source = OmegaConf.to_container(source, resolve=True)
     if source is None:
         raise UsageError(f"{path}: dataset.source is missing")
     settings = {
@@ -64,10 +67,15 @@ def _config_settings(path: Path) -> dict:
     }
     if isinstance(source, dict):
         settings["train"], settings["eval"] = source.get("train"), source.get("validation")
-    if cfg.get("eval_dataset") and cfg.eval_dataset.get("source"):
-        settings["eval"] = OmegaConf.to_container(cfg.eval_dataset.source, resolve=True)
+    for name in ("val_dataset", "eval_dataset"):  # the recipes' key; eval_dataset as other tools name it
+        eval_source = OmegaConf.select(cfg, f"{name}.source")
+        if eval_source is not None:
+            settings["eval"] = OmegaConf.to_container(eval_source, resolve=True) if OmegaConf.is_config(eval_source) \
+                else eval_source
     if cfg.get("tokenizer"):
         try:
+            if cfg.get("checkpoint_dir"):  # a training run's folder stands for its newest step_<N>/, as in the recipes
+                cfg.checkpoint_dir = str(find_model_dir(cfg.checkpoint_dir))
             settings["tokenizer"] = instantiate(cfg.tokenizer)
         except UserError as e:  # e.g. the checkpoint is not downloaded: the report still works with word counts
             print(f"note: could not build the config's tokenizer ({e}); counting words", file=sys.stderr)

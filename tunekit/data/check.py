@@ -61,6 +61,9 @@ def example_text(item: Any) -> str:
     """All text of a transformed row: a document, a conversation, or a (chosen, rejected) pair."""
     if isinstance(item, str):
         return item
+    if isinstance(item, tuple) and len(item) == 3:  # KTO example: prompt, completion, label
+        prompt, completion, _ = item
+        return "\n".join(m["content"] for m in prompt + completion)
     if isinstance(item, tuple):  # preference pair: prompt and both responses
         chosen, rejected = item
         return "\n".join([m["content"] for m in chosen] + [rejected[-1]["content"]])
@@ -98,7 +101,9 @@ def read_examples(sources, *, format: str = "auto", column_map: Mapping[str, str
             length = len(tokenizer.encode(text))
         else:
             templated = transform(rows[i]) if row_text is not transform else item
-            length = len(tokenizer.tokenize_messages(templated[0] if isinstance(templated, tuple) else templated)[0])
+            if isinstance(templated, tuple):  # a pair: the chosen conversation; KTO: prompt + completion
+                templated = templated[0] if len(templated) == 2 else templated[0] + templated[1]
+            length = len(tokenizer.tokenize_messages(templated)[0])
         examples.append(Example(rows.where(i), text, length))
     return examples, bad, format
 

@@ -380,6 +380,7 @@ TRANSFORMS = {
     "sharegpt": ShareGPTToMessages,
     "openai": OpenAIToMessages,
     "preference": ChosenRejectedToMessages,
+    "kto": UnpairedPreferenceToMessages,
     "text": TextToDocument,
 }
 
@@ -389,7 +390,8 @@ def detect_format(row: Mapping[str, Any], column_map: Mapping[str, str] | None =
     keys = {k for k in row}
     inverse = {v: k for k, v in (column_map or {}).items()}
     keys |= {inverse[k] for k in row if k in inverse}
-    for fmt, needed in (("preference", {"chosen", "rejected"}), ("sharegpt", {"conversations"}),
+    for fmt, needed in (("preference", {"chosen", "rejected"}), ("kto", {"prompt", "completion", "label"}),
+                        ("sharegpt", {"conversations"}),
                         ("openai", {"messages"}), ("alpaca", {"instruction", "output"}),
                         ("input_output", {"input", "output"}), ("text", {"text"})):
         if needed <= keys:
