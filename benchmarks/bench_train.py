@@ -140,9 +140,9 @@ def matmul_peak(dtype: torch.dtype, threads: int, repeats: int = 10, clock=time.
 def write_checkpoint(folder: Path) -> None:
     """The bench model, random init with seed 0, as an fp32 HF checkpoint folder (tokenizer files
     from the shipped tiny_llama asset: the recipes build a tokenizer even for token-id data)."""
+    from tunekit.checkpoint.hf_checkpoint import save_hf_checkpoint
     from tunekit.config.resolvers import asset_path
     from tunekit.models.from_hf import build_from_hf_config
-    from tunekit.checkpoint.hf_checkpoint import save_hf_checkpoint
 
     torch.manual_seed(0)
     model = build_from_hf_config(HF_CONFIG, device="cpu")

@@ -4,18 +4,21 @@
 
 The task is the SFT demo's (tunekit/assets/tiny_llama_data, scripts/demo_corpus.py): a single-digit
 addition question in one of four wordings, digits and number words mixed. Each pair has the same
-question, chosen = the correct sum, rejected = a plausible wrong answer (off by one or two, the
-digits of the sum swapped, the carry dropped or added, an operand echoed, the product or the
-difference instead of the sum).
+question, chosen = the correct sum, rejected = the sum off by one, once each way: the wrong answers
+the SFT demo's model finds most likely (scoring every answer 0..18 after each train question with
+that model, the best wrong one is off by one for 96% of them, off by two for 3%).
 
 The questions follow the SFT demo's split of the 100 (a, b) pairs: train pairs use the 70 pairs of
 the SFT train set, val pairs the 30 held-out ones, so no val question is asked in either train set.
 (The split is recomputed with demo_corpus.addition_split's seed and checked against the shipped
-SFT files.)
+SFT files.) The SFT train set asks some sums rarely (sum 3 in 9 of 770 questions, 14 in 22), and
+the SFT model misses the held-out questions with those sums most (3: 31 of 32 wrong); the train
+pairs therefore ask every sum equally often (QUESTIONS_PER_SUM questions, the wordings of that
+sum's train pairs cycled), the val pairs as they come.
 
 Outputs (standard TRL format, strings; the chat template is applied by the dataset):
   train.jsonl, val.jsonl          {"prompt": "Add 4 and three.", "chosen": "7", "rejected": "8"}
-  train_kto.jsonl, val_kto.jsonl  the same pairs unpaired for KTO, shuffled:
+  train_kto.jsonl, val_kto.jsonl  the same pairs unpaired for KTO (as TRL unpairs), shuffled:
                                   {"prompt": ..., "completion": "7", "label": true} and
                                   {"prompt": ..., "completion": "8", "label": false}
 """
@@ -30,39 +33,34 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import demo_corpus  # noqa: E402
-from make_demo_assets import ASSETS, DATA_DIR, SEED  # noqa: E402
+import demo_corpus
+from make_demo_assets import ASSETS, DATA_DIR, SEED
 
 OUT_DIR = ASSETS / "tiny_llama_preference"
-N_TRAIN, N_VAL = 1000, 200
 N_VAL_PAIRS = 30  # as demo_corpus.addition_split's default
 
-# Kinds of wrong answers and how often each is drawn (among those that apply to the sum).
-MISTAKES = {"off_by_one": 0.35, "off_by_two": 0.1, "swapped_digits": 0.15, "carry": 0.15,
-            "operand": 0.1, "product": 0.1, "difference": 0.05}
+QUESTIONS_PER_SUM = 64  # train questions per sum 0..18 (1216 questions, 2368 pairs)
+N_VAL_QUESTIONS = 100   # held-out questions (about 200 pairs)
 
 
-def wrong_answers(a: int, b: int) -> dict[str, list[int]]:
-    """Each kind of mistake -> the wrong answers it gives for a + b (kinds giving none left out)."""
-    s = a + b
-    kinds = {
-        "off_by_one": [s - 1, s + 1],
-        "off_by_two": [s - 2, s + 2],
-        "swapped_digits": [int(str(s)[::-1])] if s >= 10 and s % 10 not in (0, s // 10) else [],
-        "carry": [s - 10 if s >= 10 else s + 10],
-        "operand": [a, b],
-        "product": [a * b],
-        "difference": [abs(a - b)],
-    }
-    return {k: sorted({v for v in vs if v >= 0 and v != s}) for k, vs in kinds.items()
-            if any(v >= 0 and v != s for v in vs)}
+def rejected_answers(total: int) -> list[int]:
+    """The wrong answers paired with the correct ``total``: off by one, each way (none below 0)."""
+    return [v for v in (total - 1, total + 1) if v >= 0]
 
 
-def rejected_answer(rng: random.Random, a: int, b: int) -> tuple[str, int]:
-    options = wrong_answers(a, b)
-    kinds = sorted(options)
-    kind = rng.choices(kinds, weights=[MISTAKES[k] for k in kinds])[0]
-    return kind, rng.choice(options[kind])
+def balanced_questions(rng: random.Random, questions_: list[tuple[str, int, int]], per_sum: int
+                       ) -> list[tuple[str, int, int]]:
+    """``per_sum`` questions for every sum the questions have: that sum's questions in turn
+    (shuffled, repeated when there are fewer), then all of them shuffled."""
+    by_sum: dict[int, list[tuple[str, int, int]]] = collections.defaultdict(list)
+    for q in questions_:
+        by_sum[q[1] + q[2]].append(q)
+    out = []
+    for total in sorted(by_sum):
+        pool = by_sum[total]
+        out += [pool[i % len(pool)] for i in range(per_sum)]
+    rng.shuffle(out)
+    return out
 
 
 def questions(rng: random.Random, pairs: list[tuple[int, int]]) -> list[tuple[str, int, int]]:
@@ -91,8 +89,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def build(out_dir: Path, seed: int) -> dict:
@@ -103,14 +100,11 @@ def build(out_dir: Path, seed: int) -> dict:
                          "rebuild it first (scripts/make_demo_assets.py --stage data)")
     train_pairs, val_pairs = sft_pair_split(sft_seed)
     rng = random.Random(seed + 7)
-    splits, mistakes = {}, collections.Counter()
-    for name, pairs, n in (("train", train_pairs, N_TRAIN), ("val", val_pairs, N_VAL)):
-        rows = []
-        for prompt, a, b in questions(rng, pairs)[:n]:
-            kind, wrong = rejected_answer(rng, a, b)
-            mistakes[kind] += 1
-            rows.append({"prompt": prompt, "chosen": str(a + b), "rejected": str(wrong)})
-        splits[name] = rows
+    chosen_questions = {"train": balanced_questions(rng, questions(rng, train_pairs), QUESTIONS_PER_SUM),
+                        "val": questions(rng, val_pairs)[:N_VAL_QUESTIONS]}
+    splits = {name: [{"prompt": prompt, "chosen": str(a + b), "rejected": str(wrong)}
+                     for prompt, a, b in qs for wrong in rejected_answers(a + b)]
+              for name, qs in chosen_questions.items()}
     sft_questions = {r["messages"][0]["content"] for r in sft_train}
     val_questions = {r["prompt"] for r in splits["val"]}
     assert not val_questions & {r["prompt"] for r in splits["train"]} and not val_questions & sft_questions
@@ -125,7 +119,7 @@ def build(out_dir: Path, seed: int) -> dict:
         write_jsonl(out_dir / f"{name}_kto.jsonl", unpaired)
         sizes[name] = len(rows)
     sizes["bytes"] = sum(p.stat().st_size for p in out_dir.glob("*.jsonl"))
-    sizes["mistakes"] = dict(mistakes.most_common())
+    sizes["questions"] = {name: len(qs) for name, qs in chosen_questions.items()}
     return sizes
 
 

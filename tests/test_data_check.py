@@ -1,8 +1,8 @@
 """tunekit data check: planted exact/near duplicates and eval contamination are found, clean data is clean."""
 
 import json
-import re
 import random
+import re
 
 import numpy as np
 import pytest

@@ -2,6 +2,7 @@
 contract, and the proof that the packed shared-prompt layout, the unpacked layout and each sequence
 run alone give the same per-sequence log-probs (and gradients) on a tunekit model."""
 
+import collections
 import json
 import logging
 from pathlib import Path
@@ -384,7 +385,11 @@ def test_shipped_preference_set(model):  # (the fixture sets one thread)
     folder = ASSETS / "tiny_llama_preference"
     assert sum(p.stat().st_size for p in folder.iterdir()) < 1_000_000
     train, val = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "val.jsonl")
-    assert 300 <= len(train) <= 1200 and 150 <= len(val) <= 300
+    assert 300 <= len(train) <= 2500 and 150 <= len(val) <= 300
+    # every sum 0..18 asked equally often in train; rejected = off by one
+    per_sum = collections.Counter(r["chosen"] for r in train if int(r["rejected"]) == int(r["chosen"]) + 1)
+    assert sorted(per_sum, key=int) == [str(s) for s in range(19)] and len(set(per_sum.values())) == 1
+    assert all(abs(int(r["chosen"]) - int(r["rejected"])) == 1 for r in train + val)
     sft_train = {r["messages"][0]["content"] for r in read_jsonl(ASSETS / "tiny_llama_data" / "train.jsonl")}
     val_prompts = {r["prompt"] for r in val}
     assert not val_prompts & {r["prompt"] for r in train} and not val_prompts & sft_train

@@ -47,7 +47,8 @@ def test_dpo_starts_at_ln2_with_zero_rewards_and_learns(tiny_run, tmp_path):
     with open(os.path.join(asset_path("tiny_llama_preference"), "train.jsonl")) as f:
         few.write_text("".join(f.readlines()[:8]))
     out = tmp_path / "run"
-    dpo_recipe.main(make_cfg(tiny_run, out, "max_steps=6", "epochs=10", "batch_size=8", f"dataset.source={few}"))
+    dpo_recipe.main(make_cfg(tiny_run, out, "max_steps=6", "epochs=10", "batch_size=8", f"dataset.source={few}",
+                             "loss.loss_type=sigmoid"))  # (tiny/dpo itself runs RPO: DPO + NLL)
     rows = read_metrics(out)
     first = rows[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference (LoRA B = 0)
