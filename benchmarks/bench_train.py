@@ -13,7 +13,7 @@ output projections, 2 threads. The DPO workload (shared/bench-llama-tiny-dpo.md)
 of a 256-token prompt and two 256-token completions (two 512-token sequences per pair, 4,096
 tokens through the policy), DPO ``sigmoid`` with beta 0.1, lr 5e-6, the reference the base with
 the adapters off (``--precompute-reference``: its log-probs computed before the timed steps);
-``--packed`` lays each pair out with its prompt once (3 x 256 tokens per pair).
+``--packed`` lays each pair out with its prompt once (3 x 256 tokens per pair, one pair per row).
 
 Nothing of the training loop is re-implemented here: the model is written as an HF checkpoint
 folder, and the recipe runs in a child process through the real CLI (``tunekit run <recipe>
@@ -156,7 +156,9 @@ def recipe_overrides(args: argparse.Namespace, kind: str, checkpoint_dir: Path, 
     dataset = ("{_component_: tunekit.data.synthetic.random_token_dataset, "
                f"vocab_size: {VOCAB}, seq_len: {SEQ_LEN}, num_samples: {args.steps * BATCH}, seed: 0}}")
     if is_dpo(args.recipe):
-        packed = f", packed_len: {BATCH * 3 * SEQ_LEN // 2}" if args.packed else ""
+        # rows of one pair (768 tokens), what dataset.max_seq_len: 768 gives: longer rows put
+        # several pairs under one dense mask, whose attention grows with the row length squared
+        packed = f", packed_len: {PROMPT_LEN + 2 * COMPLETION_LEN}" if args.packed else ""
         dataset = ("{_component_: tunekit.data.synthetic.random_preference_dataset, "
                    f"vocab_size: {VOCAB}, prompt_len: {PROMPT_LEN}, completion_len: {COMPLETION_LEN}, "
                    f"num_pairs: {args.steps * BATCH}, seed: 0{packed}}}")
