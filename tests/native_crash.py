@@ -39,22 +39,27 @@ def crash_signature(logs: str) -> str | None:
     return next((s for s in SIGNATURES if s in logs), None)
 
 
-def retry_after_native_crash(build, *args):
-    """``build(*args, attempt=0)``; once more with ``attempt=1`` if it raised NativeCrash.
+def retry_after_native_crash(build, *args, attempts: int = 2):
+    """``build(*args, attempt=0)``; again with ``attempt=1``, ... while it raises NativeCrash, at
+    most ``attempts`` times in all (by default: once more).
 
     Every retry is printed to stderr (signature and the log lines around it) besides the warning,
     so a CI log shows each one even where warnings are summarised or filtered: the retry is kept
     only because of the measured crash rate (docs/distributed.md), and a rising count of retries
     must be visible."""
-    try:
-        return build(*args, attempt=0)
-    except NativeCrash as crash:
-        text = str(crash)
-        signature = crash_signature(text)
-        at = text.find(signature) if signature else -1
-        excerpt = text[max(0, at - 1500):at + 500] if at >= 0 else text[-2000:]
-        print(f"\n{'=' * 30} NATIVE CRASH RETRY {'=' * 30}\nsignature: {signature!r}\n{excerpt}\n"
-              f"{'=' * 30} starting the torchrun launches over once {'=' * 30}", file=sys.stderr, flush=True)
-        warnings.warn(f"native crash ({signature!r}) in a torchrun launch, starting the launches over once:\n"
-                      f"{text[:2000]}")
-        return build(*args, attempt=1)
+    for attempt in range(attempts):
+        try:
+            return build(*args, attempt=attempt)
+        except NativeCrash as crash:
+            if attempt == attempts - 1:
+                raise
+            text = str(crash)
+            signature = crash_signature(text)
+            at = text.find(signature) if signature else -1
+            excerpt = text[max(0, at - 1500):at + 500] if at >= 0 else text[-2000:]
+            print(f"\n{'=' * 30} NATIVE CRASH RETRY {'=' * 30}\nsignature: {signature!r}\n{excerpt}\n"
+                  f"{'=' * 30} starting the torchrun launches over ({attempt + 2} of {attempts}) {'=' * 30}",
+                  file=sys.stderr, flush=True)
+            warnings.warn(f"native crash ({signature!r}) in a torchrun launch, starting the launches over "
+                          f"({attempt + 2} of {attempts}):\n{text[:2000]}")
+    raise AssertionError("unreachable")

@@ -21,7 +21,7 @@ def test_only_native_crashes_are_retried(capsys):
             raise NativeCrash("terminate called without an active exception")
         return x
 
-    with pytest.warns(UserWarning, match="starting the launches over once"):
+    with pytest.warns(UserWarning, match=r"starting the launches over \(2 of 2\)"):
         assert retry_after_native_crash(build, 7) == 7
     assert attempts == [0, 1]
     # every retry is also printed to stderr, signature and log excerpt, so CI output shows it
@@ -33,3 +33,19 @@ def test_only_native_crashes_are_retried(capsys):
 
     with pytest.warns(UserWarning), pytest.raises(NativeCrash):
         retry_after_native_crash(always_crash)
+
+    calls = []
+
+    def crash_twice(attempt):
+        calls.append(attempt)
+        if attempt < 2:
+            raise NativeCrash("malloc(): ")
+        return "done"
+
+    with pytest.warns(UserWarning):
+        assert retry_after_native_crash(crash_twice, attempts=3) == "done"
+    assert calls == [0, 1, 2]
+    calls.clear()
+    with pytest.warns(UserWarning), pytest.raises(NativeCrash):
+        retry_after_native_crash(crash_twice, attempts=2)
+    assert calls == [0, 1]
