@@ -160,6 +160,14 @@ def test_config_mistakes_are_caught_by_validation(tiny_run, tmp_path):
                                  f"dataset.source={pairs}/train_kto.jsonl",
                                  "val_dataset._component_=tunekit.data.kto_dataset",
                                  f"val_dataset.source={pairs}/val_kto.jsonl"))
+    # a loss and a dataset of different kinds: one user error naming the dataset node, no KeyError
+    with pytest.raises(tunekit.config.UserError, match=r"dataset: loss.loss_type kto trains on unpaired .*kto_dataset"):
+        dpo_recipe.main(make_cfg(tiny_run, tmp_path / "kto_on_pairs", "loss.loss_type=kto"))
+    with pytest.raises(tunekit.config.UserError, match=r"dataset: loss.loss_type sigmoid trains on chosen/rejected"):
+        dpo_recipe.main(make_cfg(tiny_run, tmp_path / "dpo_on_kto", "loss.loss_type=sigmoid",
+                                 "dataset._component_=tunekit.data.kto_dataset",
+                                 f"dataset.source={pairs}/train_kto.jsonl"))
+    assert not list(tmp_path.glob("*/step_*"))
 
 
 def test_a_nan_gradient_stops_the_run_before_the_update_and_keeps_the_last_checkpoint(tiny_run, tmp_path):

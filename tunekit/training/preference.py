@@ -303,9 +303,27 @@ class WithReferenceLogps(torch.utils.data.Dataset):
         return out
 
 
+def check_dataset_fits_loss(loss_cfg: Mapping[str, Any], dataset, name: str) -> None:
+    """KTO losses read unpaired examples (``kto_dataset``), the others pairs (``preference_dataset``
+    or any dataset of the Preference batch contract without ``desirable``): a UserError naming the
+    config node ``name`` otherwise."""
+    from tunekit.data.preference import KTODataset
+
+    loss_type = loss_cfg["loss_type"]
+    if is_kto(loss_cfg) and not isinstance(dataset, KTODataset):
+        raise UserError(f"{name}: loss.loss_type {loss_type} trains on unpaired examples, but {name} builds "
+                        f"{type(dataset).__name__}; use _component_: tunekit.data.kto_dataset (it also unpairs a "
+                        "file of chosen/rejected pairs)")
+    if not is_kto(loss_cfg) and isinstance(dataset, KTODataset):
+        raise UserError(f"{name}: loss.loss_type {loss_type} trains on chosen/rejected pairs, but {name} builds "
+                        "a kto_dataset (unpaired examples); use _component_: tunekit.data.preference_dataset, "
+                        "or loss.loss_type=kto")
+
+
 def with_precomputed_reference(cfg, reference: nn.Module | Callable[[], nn.Module], dataset, name: str,
                                device: torch.device, *, adapters_off: bool):
-    """``dataset`` (the config's ``name`` node built) carrying its reference log-probs, computed
+    """``dataset`` (the config's ``name`` node built; first checked to fit the loss,
+    :func:`check_dataset_fits_loss`) carrying its reference log-probs, computed
     once by ``reference`` (a model, or a function building it when the cache does not hold them
     yet; ``adapters_off``: the LoRA policy with its adapters switched off) and
     cached in ``cfg.reference_cache_dir`` under a key of the data, the tokenizer, the dtype and the
@@ -315,6 +333,8 @@ def with_precomputed_reference(cfg, reference: nn.Module | Callable[[], nn.Modul
 
     from tunekit.checkpoint.hf_checkpoint import weight_files
 
+    if dataset is not None:
+        check_dataset_fits_loss(cfg.loss, dataset, name)
     if dataset is None or not cfg.precompute_reference or not needs_reference(cfg.loss):
         return dataset
     if is_kto(cfg.loss):
