@@ -167,6 +167,11 @@ def test_config_mistakes_are_caught_by_validation(tiny_run, tmp_path):
         dpo_recipe.main(make_cfg(tiny_run, tmp_path / "dpo_on_kto", "loss.loss_type=sigmoid",
                                  "dataset._component_=tunekit.data.kto_dataset",
                                  f"dataset.source={pairs}/train_kto.jsonl"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(tunekit.config.UserError, match=r"reference_cache_dir: cannot create .*a_file/cache"):
+        dpo_recipe.main(make_cfg(tiny_run, tmp_path / "bad_cache", "precompute_reference=true",
+                                 f"reference_cache_dir={blocker / 'cache'}"))
     assert not list(tmp_path.glob("*/step_*"))
 
 

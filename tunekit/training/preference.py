@@ -374,6 +374,11 @@ def precompute_reference_logps(model: nn.Module | Callable[[], nn.Module], datas
     cache = Path(cache_dir)
     final, partial = cache / f"{key}.pt", cache / f"{key}.partial.pt"
     world, rank = get_world_size_and_rank()
+    try:  # every rank, before any collective, so that all of them stop alike on a bad path
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"reference_cache_dir: cannot create {cache} ({e.strerror or e}); "
+                        "set reference_cache_dir to a writable folder") from None
     cached = broadcast_from_rank0(_load_table(final) if rank == 0 and final.is_file() else None)
     if cached is not None:
         if cached.shape != (len(dataset), 2):
