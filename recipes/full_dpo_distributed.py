@@ -25,7 +25,7 @@ from torch import nn
 
 import tunekit.config
 from tunekit.checkpoint.step_folders import find_model_dir
-from tunekit.config import UserError, instantiate
+from tunekit.config import instantiate
 from tunekit.models.vocabulary import check_tokenizer_fits
 from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.checkpoint_files import write_hf_model
@@ -46,8 +46,8 @@ from tunekit.training.process_group import (
 )
 from tunekit.training.preference import (
     PreferenceMetrics,
+    check_batch_fits_loss,
     evaluate_preference,
-    is_kto,
     mean_chosen_tokens,
     needs_reference,
     preference_objective,
@@ -162,9 +162,7 @@ def main(cfg) -> None:
         keep_freed_cpu_memory()  # reuse freed activations instead of page-faulting fresh ones each step
     dtype = get_dtype(cfg.dtype, device)
     cfg.checkpoint_dir = str(find_model_dir(cfg.checkpoint_dir))  # an HF folder, or an SFT run's newest step_<N>/
-    if is_kto(cfg.loss) and cfg.batch_size < 2:
-        raise UserError("batch_size=1 with loss_type kto: the KL estimate pairs each example with another "
-                        "completion of its batch; use batch_size >= 2")
+    check_batch_fits_loss(cfg.loss, cfg.batch_size)
     rank, world_size = init_distributed(device)
     device = local_device(device)
     resume_dir = resume_dir_of(cfg.output_dir, resume=cfg.resume, resume_from=cfg.resume_from)

@@ -28,7 +28,7 @@ from torch import nn
 
 import tunekit.config
 from tunekit.checkpoint.step_folders import find_model_dir, load_recipe_state, save_recipe_state
-from tunekit.config import UserError, instantiate
+from tunekit.config import instantiate
 from tunekit.models.vocabulary import check_tokenizer_fits
 from tunekit.modules.peft import load_peft_adapter
 from tunekit.training.activation_checkpointing import apply_activation_checkpointing
@@ -42,8 +42,8 @@ from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.training.metric_logging import MetricLogger
 from tunekit.training.preference import (
     PreferenceMetrics,
+    check_batch_fits_loss,
     evaluate_preference,
-    is_kto,
     mean_chosen_tokens,
     needs_reference,
     preference_objective,
@@ -142,9 +142,7 @@ def main(cfg) -> None:
         keep_freed_cpu_memory()  # reuse freed activations instead of page-faulting fresh ones each step
     dtype = get_dtype(cfg.dtype, device)
     cfg.checkpoint_dir = str(find_model_dir(cfg.checkpoint_dir))  # an HF folder, or an SFT run's newest step_<N>/
-    if is_kto(cfg.loss) and cfg.batch_size < 2:
-        raise UserError("batch_size=1 with loss_type kto: the KL estimate pairs each example with another "
-                        "completion of its batch; use batch_size >= 2")
+    check_batch_fits_loss(cfg.loss, cfg.batch_size)
     resume_dir = resume_dir_of(cfg.output_dir, resume=cfg.resume, resume_from=cfg.resume_from)
     set_seed(cfg.seed)
 

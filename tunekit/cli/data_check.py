@@ -53,9 +53,12 @@ def _config_settings(path: Path) -> dict:
         raise UsageError(f"{path}: no 'dataset' key; pass data files instead")
     ds = cfg.dataset
     builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
-    source = OmegaConf.select(cfg, "dataset.source")  # resolved: a string, or a list / {train, validation} node
-    if OmegaConf.is_config(source):
-        source = OmegaConf.to_container(source, resolve=True)
+    def resolved(key: str):
+        """The value at ``key``, interpolations resolved, as plain Python (None when absent)."""
+        value = OmegaConf.select(cfg, key)  # a string, or a list / {train, validation} node
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    source = resolved("dataset.source")
     if source is None:
         raise UsageError(f"{path}: dataset.source is missing")
     settings = {
@@ -68,10 +71,9 @@ def _config_settings(path: Path) -> dict:
     if isinstance(source, dict):
         settings["train"], settings["eval"] = source.get("train"), source.get("validation")
     for name in ("val_dataset", "eval_dataset"):  # the recipes' key; eval_dataset as other tools name it
-        eval_source = OmegaConf.select(cfg, f"{name}.source")
+        eval_source = resolved(f"{name}.source")
         if eval_source is not None:
-            settings["eval"] = OmegaConf.to_container(eval_source, resolve=True) if OmegaConf.is_config(eval_source) \
-                else eval_source
+            settings["eval"] = eval_source
     if cfg.get("tokenizer"):
         try:
             if cfg.get("checkpoint_dir"):  # a training run's folder stands for its newest step_<N>/, as in the recipes

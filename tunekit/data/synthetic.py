@@ -22,6 +22,13 @@ from tunekit.config.errors import UserError
 from tunekit.data.preference import preference_collate
 
 
+def _check_sizes(builder: str, **sizes: int) -> None:
+    """A UserError naming the first of ``sizes`` that is not a positive integer."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{builder}: {name} must be a positive integer, got {value!r}")
+
+
 class RandomTokenDataset(Dataset):
     """``num_samples`` rows of ``seq_len + 1`` uniform random ids in ``[0, vocab_size)``; row i
     depends only on (``seed``, i), so any subset or order is reproducible.
@@ -31,9 +38,7 @@ class RandomTokenDataset(Dataset):
     """
 
     def __init__(self, *, vocab_size: int, seq_len: int, num_samples: int, seed: int = 0):
-        for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("num_samples", num_samples)):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"random_token_dataset: {name} must be a positive integer, got {value!r}")
+        _check_sizes("random_token_dataset", vocab_size=vocab_size, seq_len=seq_len, num_samples=num_samples)
         self.vocab_size, self.seq_len, self.num_samples, self.seed = vocab_size, seq_len, num_samples, seed
 
     def __len__(self) -> int:
@@ -66,10 +71,8 @@ class RandomPreferenceDataset(Dataset):
 
     def __init__(self, *, vocab_size: int, prompt_len: int, completion_len: int, num_pairs: int, seed: int = 0,
                  packed_len: int | None = None):
-        for name, value in (("vocab_size", vocab_size), ("prompt_len", prompt_len),
-                            ("completion_len", completion_len), ("num_pairs", num_pairs)):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"random_preference_dataset: {name} must be a positive integer, got {value!r}")
+        _check_sizes("random_preference_dataset", vocab_size=vocab_size, prompt_len=prompt_len,
+                     completion_len=completion_len, num_pairs=num_pairs)
         self.vocab_size, self.prompt_len, self.completion_len = vocab_size, prompt_len, completion_len
         self.num_pairs, self.seed, self.packed_len = num_pairs, seed, packed_len
 

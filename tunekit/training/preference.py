@@ -43,6 +43,7 @@ from tunekit.training.process_group import (
     log_rank_zero,
     sum_over_ranks,
 )
+from tunekit.training.train_step import move_batch
 
 log = logging.getLogger("tunekit.training.preference")
 
@@ -258,8 +259,6 @@ def evaluate_preference(model: nn.Module, loaders: Mapping[str, Iterable], *, lo
     ``eval``: TRL's ``eval_loss``, ``eval_rewards/accuracies``, ...), over each loader's first
     ``max_batches`` batches, in eval mode. Every rank evaluates the same batches when the model is
     sharded (FSDP needs every rank in each forward)."""
-    from tunekit.training.train_step import move_batch
-
     was_training = model.training
     model.eval()
     results = {}
@@ -301,6 +300,14 @@ class WithReferenceLogps(torch.utils.data.Dataset):
         out = self.dataset.collate([{k: v for k, v in item.items() if k != "ref_logps"} for item in batch])
         out["ref_logps"] = torch.stack([item["ref_logps"] for item in batch]).reshape(-1)
         return out
+
+
+def check_batch_fits_loss(loss_cfg: Mapping[str, Any], batch_size: int) -> None:
+    """KTO's KL estimate pairs each example with another completion of its micro-batch, so it
+    needs ``batch_size >= 2`` (TRL refuses 1 too): a UserError otherwise."""
+    if is_kto(loss_cfg) and batch_size < 2:
+        raise UserError("batch_size=1 with loss_type kto: the KL estimate pairs each example with another "
+                        "completion of its batch; use batch_size >= 2")
 
 
 def check_dataset_fits_loss(loss_cfg: Mapping[str, Any], dataset, name: str) -> None:
@@ -402,19 +409,17 @@ def precompute_reference_logps(model: nn.Module | Callable[[], nn.Module], datas
             results = []
             for r in range(-(-len(chunk) // world)):
                 indices = mine[min(r, len(mine) - 1)]
-                batch = {k: v.to(device) for k, v in dataset.collate([dataset[i] for i in indices]).items()}
+                batch = move_batch(dataset.collate([dataset[i] for i in indices]), device)
                 with torch.no_grad(), (adapters_disabled(model) if adapters_off else contextlib.nullcontext()):
                     logps = sequence_logps(model, batch).logps
                 results.append((indices, logps.view(-1, 2).float().cpu()))
             done = torch.cat([done, _gather_rows(results, chunk, world)])
             if rank == 0:
-                cache.mkdir(parents=True, exist_ok=True)
                 _atomic_save(done, partial)
             log_rank_zero(log, f"reference log-probs: {len(done)} of {n} pairs")
     finally:
         model.train(was_training)
     if rank == 0:
-        cache.mkdir(parents=True, exist_ok=True)
         _atomic_save(done, final)
         partial.unlink(missing_ok=True)
     return done
