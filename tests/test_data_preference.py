@@ -295,12 +295,8 @@ def check_layouts(model, pairs, packed_len, pad_id=TOK.pad_id):
 
 
 @pytest.fixture(scope="module")
-def model():
-    # One thread: these tiny matmuls run ~20x slower with two threads on a loaded 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tiny_model()
-    torch.set_num_threads(previous)
+def model(one_thread):  # tests/conftest.py: tiny matmuls are faster on one thread
+    return tiny_model()
 
 
 @pytest.mark.parametrize("rows, tokenizer, max_seq_len", [

@@ -16,12 +16,7 @@ PAD = 0
 PROMPTS = [[1, 5, 9, 33, 7, 12], [1, 44], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 2, 17], [1, 60, 61]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _hf_config(family):

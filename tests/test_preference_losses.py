@@ -26,14 +26,7 @@ from tunekit.losses import preference as P
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here have 16 elements; torch's CPU log_sigmoid still wakes its OpenMP threads on
-    # every call, which costs milliseconds per call on a loaded machine. One thread, restored after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,24 +6,18 @@ exact, KTO / ORPO / SimPO run through the same recipe, and checkpoints load in t
 import json
 import math
 import os
-import signal
 
 import pytest
 import torch
 
 import tunekit.config
-from test_recipes_single_device import load_recipe, read_metrics, tiny_run  # noqa: F401  (fixture)
+from test_recipes_single_device import _SignalAtStep, load_recipe, read_metrics, tiny_run  # noqa: F401  (fixture)
 from tunekit.config.resolvers import asset_path
 
 dpo_recipe = load_recipe("lora_dpo_single_device")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_cfg(tiny_run, out, *overrides, config="tiny/dpo"):
@@ -83,17 +77,6 @@ def test_packed_pairs_and_precomputed_references_equal_the_live_unpacked_run(tin
     dpo_recipe.main(make_cfg(tiny_run, tmp_path / "pre2", "precompute_reference=true", "max_steps=1",
                              f"reference_cache_dir={tmp_path / 'pre' / 'reference_logps'}"))
     assert read_metrics(tmp_path / "pre2")[0]["loss"] == pytest.approx(pre[0]["loss"], abs=1e-7)
-
-
-class _SignalAtStep:
-    def __init__(self, inner, at):
-        self.inner, self.at = inner, at
-
-    def __call__(self, *args, **kwargs):
-        for item in self.inner(*args, **kwargs):
-            if item[0] == self.at:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield item
 
 
 def test_ctrl_c_and_resume_reproduce_the_run_and_checkpoints_load_in_peft(tiny_run, tmp_path, monkeypatch):

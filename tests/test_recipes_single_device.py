@@ -30,14 +30,7 @@ lora_recipe = load_recipe("lora_finetune_single_device")
 WORDS = "apple river stone cloud green quick lamp north paper silver train window".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared machine idle-spinning OpenMP
-    threads slow them down by orders of magnitude."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
