@@ -13,6 +13,7 @@ DCP shards there instead: ``tunekit.training.resume.save_sharded_training_state`
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -25,6 +26,8 @@ from tunekit.checkpoint.errors import CheckpointError
 from tunekit.config.errors import MissingFileError, UserError
 
 RECIPE_STATE_DIR = "recipe_state"
+BEST_LINK = "best"  # <output_dir>/best -> step_<N> (keep_best)
+BEST_RECORD = "best.json"
 _STATE_FILE = "state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^\.step_(\d+)\.(?:tmp|old)-(\d+)$")
@@ -106,18 +109,19 @@ def new_tmp_folder(output_dir: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def commit_step_folder(tmp: Path, step: int, *, keep_last_n: int | None = None) -> Path:
+def commit_step_folder(tmp: Path, step: int, *, keep_last_n: int | None = None, best: dict | None = None) -> Path:
     """fsync everything in ``tmp`` and rename it to ``step_<step>`` next to it (replacing an older
-    folder of the same step only once the new one is complete); then keep the newest
-    ``keep_last_n`` step folders. Returns the final path."""
+    folder of the same step only once the new one is complete); then point ``best`` at the best
+    step folder (``best``: a :func:`link_best` record, or None) and keep the newest ``keep_last_n``
+    step folders plus that best one. Returns the final path."""
     _fsync_tree(tmp)
     out = tmp.parent
     final = out / step_dir_name(step)
-    _commit(out, tmp, final, keep_last_n)
+    _commit(out, tmp, final, keep_last_n, best)
     return final
 
 
-def _commit(out: Path, tmp: Path, final: Path, keep_last_n: int | None) -> None:
+def _commit(out: Path, tmp: Path, final: Path, keep_last_n: int | None, best: dict | None = None) -> None:
     old = None
     if final.exists():  # a re-save of the same step (e.g. after resume): swap, then delete the old one
         old = out / f".{final.name}.old-{os.getpid()}"
@@ -127,16 +131,55 @@ def _commit(out: Path, tmp: Path, final: Path, keep_last_n: int | None) -> None:
     _fsync_dir(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    if best is not None:
+        link_best(out, best)  # before pruning: the link never points at a folder about to go
     if keep_last_n is not None:
-        prune_checkpoints(out, keep_last_n)
+        prune_checkpoints(out, keep_last_n, keep_step=None if best is None else best["step"])
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep_last_n: int) -> None:
-    """Delete all but the newest ``keep_last_n`` (>= 1) complete step folders."""
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last_n: int, *, keep_step: int | None = None) -> None:
+    """Delete all but the newest ``keep_last_n`` (>= 1) complete step folders and ``step_<keep_step>``."""
     if keep_last_n < 1:
         raise ValueError(f"keep_last_n must be >= 1 (or null to keep all), got {keep_last_n}")
-    for _, path in list_checkpoints(output_dir)[:-keep_last_n]:
-        shutil.rmtree(path, ignore_errors=True)
+    for n, path in list_checkpoints(output_dir)[:-keep_last_n]:
+        if n != keep_step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def link_best(output_dir: str | os.PathLike, best: dict) -> None:
+    """Record the best step folder of ``output_dir``: ``best.json`` (``best``: ``{"step": N,
+    "metric": ..., "value": ..., "mode": ...}`` plus ``"folder": "step_<N>"``, for tools that do not
+    follow links) and ``best`` -> ``step_<N>`` (a relative symlink, so the folder can be moved or
+    copied whole). Each is replaced atomically (written beside, then renamed over the old one):
+    a reader sees the old or the new best, never none. Nothing happens while ``step_<N>/`` does not
+    exist (a run resumed into another output_dir from a checkpoint whose best folder stayed behind)."""
+    out = Path(output_dir)
+    target = step_dir_name(best["step"])
+    if not (out / target).is_dir():
+        return
+    link = out / BEST_LINK
+    if link.exists() and not link.is_symlink():
+        raise CheckpointError(f"{link} exists and is not a link (tunekit points {BEST_LINK} at the best step "
+                              "folder); move it away or choose another output_dir")
+    record = out / f".{BEST_RECORD}.tmp-{os.getpid()}"
+    record.write_text(json.dumps({**best, "folder": target}) + "\n")
+    os.replace(record, out / BEST_RECORD)
+    if not (link.is_symlink() and os.readlink(link) == target):
+        tmp_link = out / f".{BEST_LINK}.tmp-{os.getpid()}"
+        if tmp_link.is_symlink():
+            tmp_link.unlink()
+        os.symlink(target, tmp_link, target_is_directory=True)
+        os.replace(tmp_link, link)
+    _fsync_dir(out)
+
+
+def best_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The step folder ``best.json`` names (``keep_best`` runs), or None."""
+    record = Path(output_dir) / BEST_RECORD
+    if not record.is_file():
+        return None
+    folder = Path(output_dir) / json.loads(record.read_text())["folder"]
+    return folder if folder.is_dir() else None
 
 
 def save_recipe_state(checkpoint_dir: str | os.PathLike, state: dict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tunekit.config.schema import Bool, Component, Float, Int, List, Section, Str
 from tunekit.losses.preference import F_DIVERGENCE_TYPES
 from tunekit.training.device import device_problem
+from tunekit.training.early_stopping import MODES
 from tunekit.training.preference import LOSS_TYPES, loss_config_problem
 
 DTYPES = ("fp32", "bf16")
@@ -49,6 +50,10 @@ TRAINING_LOOP_KEYS = {
     "eval_max_batches": Int(min=1, nullable=True),
     "save_every_n_steps": Int(min=1),
     "keep_last_n": Int(min=1, nullable=True),
+    # overfitting practice (tunekit.training.early_stopping); metric null: off
+    "keep_best": Section({"metric": Str(nullable=True), "mode": Str(choices=MODES)}),
+    "early_stopping": Section({"metric": Str(nullable=True), "patience": Int(min=1), "min_delta": Float(min=0),
+                               "mode": Str(choices=MODES)}),
     "log_every_n_steps": Int(min=1),
     "metric_logging": Section({"stdout": Bool(), "tensorboard": Bool(), "progress_bar": Bool()}),
 }

@@ -14,13 +14,15 @@ from tunekit.training.process_group import any_rank, barrier, broadcast_from_ran
 
 
 def save_step_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None], *,
-                         keep_last_n: int | None = None) -> Path:
+                         keep_last_n: int | None = None, best: dict | None = None) -> Path:
     """Create ``<output_dir>/step_<step>/`` atomically and return its path.
 
     ``write(folder)`` fills the (temporary) folder; if it raises, the tmp folder is removed and
     the exception propagates, leaving earlier checkpoints untouched. An existing folder of the
     same step is replaced only once the new one is complete. With ``keep_last_n`` older step
-    folders beyond the newest ``keep_last_n`` are deleted after the save.
+    folders beyond the newest ``keep_last_n`` are deleted after the save, except the one ``best``
+    names (``{"step": N, "metric": ..., "value": ..., "mode": ...}``: ``keep_best``), which
+    ``<output_dir>/best`` and ``best.json`` then point at (``step_folders.link_best``).
 
     Under a process group every rank calls it: rank 0 creates the tmp folder, ``write`` runs on
     every rank (sharded state from all ranks, HF files from rank 0 only: ``write`` decides; it
@@ -42,6 +44,6 @@ def save_step_checkpoint(output_dir: str | os.PathLike, step: int, write: Callab
             raise error
         raise CheckpointError(f"saving step {step} to {output_dir} failed on another rank (its error is in the "
                               "log); nothing was written")
-    final = commit_step_folder(tmp, step, keep_last_n=keep_last_n) if rank == 0 else None
+    final = commit_step_folder(tmp, step, keep_last_n=keep_last_n, best=best) if rank == 0 else None
     barrier()
     return broadcast_from_rank0(final)
