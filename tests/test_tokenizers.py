@@ -352,7 +352,8 @@ def test_from_hf_picks_the_tokenizer(llama_sp, llama3_files, qwen_json, tmp_path
     llama3_dir = llama3_files[0]
     write_config(llama3_dir, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                  chat_template="{{ '<|start_header_id|>' }}")
-    l3 = from_hf(llama3_dir, max_seq_len=8)
+    # a stub template: auto would pick it over the Python format (their ids differ), so name it
+    l3 = from_hf(llama3_dir, max_seq_len=8, chat_format="llama3")
     assert isinstance(l3, TiktokenTokenizer) and l3.chat_format.name == "llama3"
     assert l3.eos_id == l3.added_tokens["<|eot_id|>"]
     assert set(l3.stop_tokens) == {l3.added_tokens[t] for t in

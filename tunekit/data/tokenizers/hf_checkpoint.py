@@ -8,8 +8,9 @@ Which file is used:
 3. else a tiktoken file at ``original/tokenizer.model`` or ``tokenizer.model`` -> Llama 3.
 
 ``tokenizer_config.json`` supplies bos/eos/pad tokens, added tokens (``added_tokens_decoder``),
-``legacy`` (sentencepiece: dummy prefix after special tokens too) and the ``chat_template`` used
-to pick the chat format when none is given.
+``legacy`` (sentencepiece: dummy prefix after special tokens too); the checkpoint's chat template
+(``chat_template.jinja``, tokenizer_config.json's ``chat_template`` or ``chat_template.json``)
+gives the chat format (see ``tunekit.data.tokenizers.chat_template``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from tunekit.checkpoint.errors import CheckpointError
 from tunekit.checkpoint.hf_checkpoint import read_json_file
 from tunekit.config.errors import MissingFileError
 from tunekit.data.tokenizers.base import BaseTokenizer
-from tunekit.data.tokenizers.chat_formats import get_chat_format, guess_chat_format
+from tunekit.data.tokenizers.chat_template import (
+    SPECIAL_TOKEN_NAMES,
+    choose_chat_format,
+    load_chat_template,
+)
 from tunekit.data.tokenizers.hf_json import load_tokenizer_json
 from tunekit.data.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
 from tunekit.data.tokenizers.tiktoken_tokenizer import llama3_tokenizer
@@ -34,17 +39,6 @@ def _token_str(value: Any, path: Path, key: str) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise CheckpointError(f"{path}: key {key!r} must be a token string or {{\"content\": ...}}")
-
-
-def _chat_template(config: dict[str, Any], folder: Path) -> str | None:
-    template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    jinja = folder / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template if isinstance(template, str) else None
 
 
 def _is_sentencepiece(path: Path) -> bool:
@@ -71,13 +65,16 @@ def _pick_file(folder: Path) -> tuple[str, Path]:
                           "found")
 
 
-def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
-            max_seq_len: int | None = None) -> BaseTokenizer:
+def from_hf(checkpoint_dir: str | Path, chat_format: str | None = "auto",
+            max_seq_len: int | None = None,
+            chat_template_kwargs: dict[str, Any] | None = None) -> BaseTokenizer:
     """Tokenizer of an HF checkpoint folder (see the module docstring for the file choice).
 
-    ``chat_format`` names a format of ``tunekit.data.tokenizers.CHAT_FORMATS``; None guesses it
-    from ``chat_template`` in tokenizer_config.json. ``max_seq_len`` truncates
-    ``tokenize_messages`` output.
+    ``chat_format``: a format of ``tunekit.data.tokenizers.CHAT_FORMATS``; ``"template"``: the
+    checkpoint's own Jinja chat template; ``"auto"`` (or None): the Python format when it gives
+    the template's ids on probe conversations, else the template (the choice is logged).
+    ``chat_template_kwargs``: extra template variables (``enable_thinking``, ``date_string``).
+    ``max_seq_len`` truncates ``tokenize_messages`` output.
     """
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
@@ -114,8 +111,14 @@ def from_hf(checkpoint_dir: str | Path, chat_format: str | None = None,
                  if v is not None}
         tok = llama3_tokenizer(path, **names)
 
-    name = chat_format or guess_chat_format(_chat_template(config, folder), tok.added_tokens)
     tok.max_seq_len = max_seq_len
-    if name is not None:
-        tok.set_chat_format(get_chat_format(name))
+    special = {k: _token_str(config.get(k), config_path, k) for k in SPECIAL_TOKEN_NAMES}
+    special = {k: v for k, v in special.items() if v is not None}
+    for key, token_id in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):
+        if key not in special and tok._token_text(token_id):  # e.g. a bare tiktoken folder
+            special[key] = tok._token_text(token_id)
+    fmt = choose_chat_format(chat_format, load_chat_template(folder, config), tok, special,
+                             chat_template_kwargs)
+    if fmt is not None:
+        tok.set_chat_format(fmt)
     return tok
