@@ -84,11 +84,10 @@ def test_sharegpt_and_column_map(tmp_path):
 def test_bad_row_error_names_file_line_and_field(tmp_path):
     rows = [chat("a", "b"), {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}]
     p = write_jsonl(tmp_path / "c.jsonl", rows)
-    ds = chat_dataset(TOK, p)
-    ds[0]
-    with pytest.raises(DataError) as e:
-        ds[1]
-    assert str(e.value) == f"{p}:2: field 'messages[1].content': empty text"
+    with pytest.raises(DataError) as e:  # found when the dataset is built, before any training
+        chat_dataset(TOK, p)
+    assert str(e.value).startswith(f"{p}:2: field 'messages[1].content': empty text (1 bad row(s) found")
+    assert "skip_bad_rows: true" in str(e.value)
     with pytest.raises(DataError, match=rf"{p.name}:2: field 'messages\[1\].content'"):
         chat_dataset(TOK, p, packed=True, max_seq_len=64)
 

@@ -346,12 +346,14 @@ def test_non_finite_loss_or_norm_stops_before_the_update(tmp_path):
         check_finite_step(4, loss=float("inf"), grad_norm=1.0, model=model, output_dir=tmp_path / "none")
 
 
-def test_accumulation_groups_drop_incomplete_and_step_counts():
+def test_accumulation_groups_keep_the_incomplete_group_and_step_counts():
     from tunekit.training.data_loaders import count_training_steps
     from tunekit.training.train_step import accumulation_groups
 
-    assert [len(g) for g in accumulation_groups(range(7), 3)] == [3, 3]
-    assert count_training_steps(7, gradient_accumulation_steps=3, epochs=2, max_steps=None) == (2, 4)
-    assert count_training_steps(7, gradient_accumulation_steps=3, epochs=2, max_steps=3) == (2, 3)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        count_training_steps(2, gradient_accumulation_steps=3, epochs=1, max_steps=None)
+    assert [len(g) for g in accumulation_groups(range(7), 3)] == [3, 3, 1]
+    assert [len(g) for g in accumulation_groups(range(6), 3)] == [3, 3]
+    assert count_training_steps(7, gradient_accumulation_steps=3, epochs=2, max_steps=None) == (3, 6)
+    assert count_training_steps(7, gradient_accumulation_steps=3, epochs=2, max_steps=4) == (3, 4)
+    assert count_training_steps(2, gradient_accumulation_steps=3, epochs=2, max_steps=None) == (1, 2)
+    with pytest.raises(ValueError, match="no batches"):
+        count_training_steps(0, gradient_accumulation_steps=3, epochs=1, max_steps=None)

@@ -73,29 +73,15 @@ def _labels(tokens: list[int], mask: list[bool] | None) -> list[int]:
 
 
 class RowDataset(torch.utils.data.Dataset):
-    """Rows of ``rows`` (restricted to ``indices``) passed through ``transform``.
+    """Rows of ``rows`` (restricted to ``indices``) passed through ``transform``; a bad row
+    raises DataError (located at its ``file:line``) on access. ``num_skipped`` / ``skipped``:
+    the rows a subclass dropped as bad (:class:`SFTDataset` with ``skip_bad_rows``)."""
 
-    With ``skip_bad_rows`` every row is transformed once at construction; rows raising DataError
-    are dropped, counted in ``num_skipped`` and logged. Otherwise a bad row raises on access.
-    """
-
-    def __init__(self, rows: Sequence, transform: Callable, tokenizer, *, indices=None,
-                 skip_bad_rows: bool = False):
+    def __init__(self, rows: Sequence, transform: Callable, tokenizer, *, indices=None):
         self.rows, self.transform, self.tokenizer = rows, transform, tokenizer
         self.indices = np.arange(len(rows)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.num_skipped = 0
         self.skipped: list[str] = []
-        if skip_bad_rows:
-            good = []
-            for k, j in enumerate(self.indices.tolist()):
-                try:
-                    self.transformed(k)
-                    good.append(j)
-                except DataError as e:
-                    self.skipped.append(str(e))
-            self.indices = np.asarray(good, dtype=np.int64)
-            self.num_skipped = len(self.skipped)
-            log_skipped(self.skipped, self.rows)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -126,13 +112,50 @@ class SFTDataset(RowDataset):
     Labels are shifted (``labels[k]`` is the target of position ``k``), -100 on prompt tokens
     (unless ``train_on_input``) and on the last token. Examples longer than ``max_seq_len`` are
     truncated (the labels are computed after truncation).
+
+    Every row is validated when the dataset is built (``validate=True``): transformed and
+    tokenized once, in ``num_workers`` forked processes, so a bad row deep in the file stops the
+    run before its first step, not hours into it. Bad rows raise one DataError naming the first
+    of them (``file:line``, field, problem) and how many there are; with ``skip_bad_rows`` they are
+    dropped, counted in ``num_skipped`` and logged. (Packing validates while it tokenizes, so its
+    base dataset is built with ``validate=False``.)
     """
 
     def __init__(self, rows: Sequence, transform: Callable, tokenizer, *, train_on_input: bool = False,
-                 max_seq_len: int | None = None, indices=None, skip_bad_rows: bool = False):
-        super().__init__(rows, transform, tokenizer, indices=indices, skip_bad_rows=skip_bad_rows)
+                 max_seq_len: int | None = None, indices=None, skip_bad_rows: bool = False,
+                 validate: bool = True, num_workers: int = 1):
+        super().__init__(rows, transform, tokenizer, indices=indices)
         self.train_on_input = train_on_input
         self.max_seq_len = max_seq_len
+        if validate:
+            self._drop_bad_rows(skip_bad_rows, num_workers)
+
+    def _bad_rows(self, lo: int, hi: int) -> list[tuple[int, DataError]]:
+        bad = []
+        for i in range(lo, hi):
+            try:
+                self.tokenize(i)
+            except DataError as e:
+                bad.append((i, e))
+        return bad
+
+    def _drop_bad_rows(self, skip_bad_rows: bool, num_workers: int) -> None:
+        from tunekit.data.parallel import map_ranges
+
+        bad = [b for part in map_ranges(self._bad_rows, len(self), num_workers) for b in part]
+        if not bad:
+            return
+        if not skip_bad_rows:
+            first = bad[0][1]
+            others = ", ".join(self.where(i) for i, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+            raise DataError(f"{first.reason} ({len(bad)} bad row(s) found before training"
+                            + (f"; the others: {others}" if others else "")
+                            + "; fix them, or set skip_bad_rows: true in the dataset to skip them)",
+                            where=first.where, field=first.field)
+        self.skipped = [str(e) for _, e in bad]
+        self.num_skipped = len(bad)
+        self.indices = np.delete(self.indices, [i for i, _ in bad])
+        log_skipped(self.skipped, self.rows)
 
     def tokenize(self, i: int) -> tuple[list[int], list[bool] | None]:
         """Untruncated tokens and mask (True = not trained on, None = all trained) of item ``i``."""
@@ -185,14 +208,14 @@ def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, l
     if not packed:
         if long_examples != "truncate":
             raise UserError("long_examples='split' needs packed=True (unpacked rows are truncated)")
-        return SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input,
-                          max_seq_len=max_seq_len, indices=indices, skip_bad_rows=skip_bad_rows)
+        return SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input, max_seq_len=max_seq_len,
+                          indices=indices, skip_bad_rows=skip_bad_rows, num_workers=num_workers)
     if max_seq_len is None:
         raise UserError("packed=True needs max_seq_len (the length of a packed row)")
     from tunekit.data.packing import pack_dataset  # packing imports this module
 
     base = SFTDataset(rows, transform, tokenizer, train_on_input=train_on_input,
-                      max_seq_len=max_seq_len, indices=indices)
+                      max_seq_len=max_seq_len, indices=indices, validate=False)
     return pack_dataset(base, max_seq_len, long_examples=long_examples, skip_bad_rows=skip_bad_rows,
                         num_workers=num_workers)
 

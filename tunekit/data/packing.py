@@ -15,7 +15,6 @@ next-token target); only the last token of the whole document gets -100.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from tunekit.data.collate import packed_collate
 from tunekit.data.datasets import SFTDataset, log_skipped
 from tunekit.data.errors import DataError
 from tunekit.data.labels import shift_labels_flat
+from tunekit.data.parallel import map_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +128,6 @@ def _tokenize_range(dataset: SFTDataset, lo: int, hi: int, truncate_to: int | No
     return tokens, mask, np.asarray(lengths, dtype=np.int64), skipped
 
 
-def _tokenize_range_to_pipe(dataset, lo, hi, truncate_to, skip_bad_rows, conn) -> None:
-    try:
-        conn.send(_tokenize_range(dataset, lo, hi, truncate_to, skip_bad_rows))
-    except BaseException as e:  # re-raised in the parent
-        conn.send(e)
-    finally:
-        conn.close()
-
-
 def tokenize_flat(dataset: SFTDataset, *, truncate_to: int | None = None, skip_bad_rows: bool = False,
                   num_workers: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Tokenize every item of ``dataset`` into flat arrays.
@@ -146,33 +137,8 @@ def tokenize_flat(dataset: SFTDataset, *, truncate_to: int | None = None, skip_b
     the items into contiguous ranges tokenized by forked processes (the parent takes the first),
     so the result is identical to ``num_workers=1``.
     """
-    n = len(dataset)
-    bounds = np.linspace(0, n, max(1, num_workers) + 1).astype(int).tolist()
-    children = []
-    if num_workers > 1 and n >= 2 * num_workers and "fork" in mp.get_all_start_methods():
-        ctx = mp.get_context("fork")  # workers inherit the dataset and tokenizer, nothing is pickled
-        for lo, hi in zip(bounds[1:-1], bounds[2:]):
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_tokenize_range_to_pipe, daemon=True,
-                               args=(dataset, lo, hi, truncate_to, skip_bad_rows, send))
-            proc.start()
-            send.close()
-            children.append((proc, recv))
-    else:
-        bounds = [0, n]
-    try:
-        parts = [_tokenize_range(dataset, bounds[0], bounds[1], truncate_to, skip_bad_rows)]
-        for proc, recv in children:
-            result = recv.recv()
-            if isinstance(result, BaseException):
-                raise result
-            parts.append(result)
-    finally:
-        for proc, recv in children:
-            recv.close()
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
+    parts = map_ranges(lambda lo, hi: _tokenize_range(dataset, lo, hi, truncate_to, skip_bad_rows),
+                       len(dataset), num_workers)
     tokens = np.concatenate([p[0] for p in parts])
     mask = np.concatenate([p[1] for p in parts]).astype(bool)
     lengths = np.concatenate([p[2] for p in parts])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tunekit.config.errors import UserError
+from tunekit.training.process_group import log_rank_zero
 from tunekit.training.sampler import ResumableSampler
+
+log = logging.getLogger("tunekit.training.data_loaders")
 
 
 def _loader(dataset: Dataset, batch_size: int, sampler, num_workers: int) -> DataLoader:
@@ -32,10 +37,15 @@ def eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int) -> DataL
 def count_training_steps(num_batches: int, *, gradient_accumulation_steps: int, epochs: int,
                          max_steps: int | None) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps of the run) for ``num_batches``
-    micro-batches per epoch; ``max_steps`` caps the total."""
-    per_epoch = num_batches // gradient_accumulation_steps
-    if per_epoch == 0:
-        raise UserError(f"dataset: {num_batches} batches per epoch are fewer than gradient_accumulation_steps="
-                        f"{gradient_accumulation_steps}; lower batch_size or gradient_accumulation_steps")
+    micro-batches per epoch; ``max_steps`` caps the total. An epoch's last step takes the
+    ``num_batches % gradient_accumulation_steps`` left-over micro-batches when there are any
+    (``train_step.accumulation_groups``), so it counts as a step of the lr schedule too."""
+    if num_batches < 1:
+        raise UserError("dataset: no batches per epoch; check the dataset source and split")
+    per_epoch = -(-num_batches // gradient_accumulation_steps)
+    if num_batches % gradient_accumulation_steps:
+        log_rank_zero(log, f"{num_batches} micro-batches per epoch: the epoch's last optimizer step accumulates the "
+                    f"{num_batches % gradient_accumulation_steps} left over (gradient_accumulation_steps="
+                    f"{gradient_accumulation_steps}), normalised by its own label tokens")
     total = epochs * per_epoch
     return per_epoch, total if max_steps is None else min(max_steps, total)

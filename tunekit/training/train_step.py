@@ -32,8 +32,11 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def accumulation_groups(loader: Iterable[dict[str, torch.Tensor]], n: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Consecutive groups of ``n`` micro-batches (one optimizer step each); an incomplete last
-    group is dropped, so every step sees the same number of micro-batches."""
+    """Consecutive groups of ``n`` micro-batches (one optimizer step each). The last group of an
+    epoch may be shorter: it is trained too (not dropped), so every example counts once per epoch.
+    A short step is as valid as a full one because the recipes normalise a step's loss by what it
+    holds (its labelled tokens, or its pairs), not by ``n``; only its gradient is an average over
+    fewer examples."""
     if n < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {n}")
     group = []
@@ -42,6 +45,8 @@ def accumulation_groups(loader: Iterable[dict[str, torch.Tensor]], n: int) -> It
         if len(group) == n:
             yield group
             group = []
+    if group:
+        yield group
 
 
 def training_steps(loader: Iterable[dict[str, torch.Tensor]], sampler, *, gradient_accumulation_steps: int,
