@@ -203,7 +203,14 @@ def _nonempty(rows: Sequence, source) -> Sequence:
 
 
 def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, long_examples, split,
-         val_fraction, seed, skip_bad_rows, text_split, num_workers, hf_kwargs):
+         val_fraction, seed, skip_bad_rows, text_split, num_workers, streaming, shuffle_buffer, hf_kwargs):
+    if streaming:
+        return _stream(tokenizer, source, transform, train_on_input=train_on_input, max_seq_len=max_seq_len,
+                       packed=packed, long_examples=long_examples, split=split, val_fraction=val_fraction,
+                       skip_bad_rows=skip_bad_rows, shuffle_buffer=shuffle_buffer, hf_kwargs=hf_kwargs)
+    if shuffle_buffer:
+        raise UserError("shuffle_buffer applies to streaming: true only (map-style datasets are shuffled by the "
+                        "recipe's sampler); remove it")
     rows, indices = _open(source, split, val_fraction, seed, text_split, hf_kwargs)
     if not packed:
         if long_examples != "truncate":
@@ -220,13 +227,34 @@ def _sft(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, l
                         num_workers=num_workers)
 
 
+def _stream(tokenizer, source, transform, *, train_on_input, max_seq_len, packed, long_examples, split,
+            val_fraction, skip_bad_rows, shuffle_buffer, hf_kwargs):
+    """``streaming: true``: packed rows from a stream (:mod:`tunekit.data.streaming`)."""
+    from tunekit.data.sources import open_stream
+    from tunekit.data.streaming import StreamingPackedDataset
+
+    if not packed or max_seq_len is None:
+        raise UserError("streaming: true packs as it reads: set packed: true and max_seq_len")
+    if val_fraction:
+        raise UserError("streaming: true cannot hold out a random val_fraction (the stream's length is unknown); "
+                        "give the source as {train: ..., validation: ...} or use the hub dataset's hf_split")
+    if isinstance(source, Mapping):
+        if split not in source:
+            raise DataError(f"split {split!r} is not a key of the source mapping (keys: {', '.join(source)})")
+        source = source[split]
+    stream = open_stream(source, **hf_kwargs)
+    return StreamingPackedDataset(stream, transform, tokenizer, max_seq_len=max_seq_len,
+                                  train_on_input=train_on_input, long_examples=long_examples,
+                                  skip_bad_rows=skip_bad_rows, shuffle_buffer=shuffle_buffer)
+
+
 @config_kwargs(*HF_LOAD_KWARGS)
 def instruct_dataset(tokenizer, source, *, format: str = "alpaca", column_map: Mapping[str, str] | None = None,
                      system_prompt: str | None = None, train_on_input: bool = False,
                      max_seq_len: int | None = None, packed: bool = False, long_examples: str = "truncate",
                      split: str = "train", val_fraction: float = 0.0, seed: int = 0,
                      skip_bad_rows: bool = False, text_split: str = "file", num_workers: int = 1,
-                     **hf_kwargs):
+                     streaming: bool = False, shuffle_buffer: int = 0, **hf_kwargs):
     """Single-turn instruction data. ``format``: ``"alpaca"`` (instruction/input/output with the
     Alpaca prompt) or ``"input_output"`` (input -> user, output -> assistant, optional system)."""
     if format == "alpaca":
@@ -237,7 +265,8 @@ def instruct_dataset(tokenizer, source, *, format: str = "alpaca", column_map: M
         raise UserError(f"instruct_dataset format must be 'alpaca' or 'input_output', got {format!r}")
     return _sft(tokenizer, source, transform, train_on_input=train_on_input, max_seq_len=max_seq_len,
                 packed=packed, long_examples=long_examples, split=split, val_fraction=val_fraction,
-                seed=seed, skip_bad_rows=skip_bad_rows, text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
+                seed=seed, skip_bad_rows=skip_bad_rows, text_split=text_split, num_workers=num_workers, streaming=streaming,
+                shuffle_buffer=shuffle_buffer, hf_kwargs=hf_kwargs)
 
 
 @config_kwargs(*HF_LOAD_KWARGS)
@@ -245,7 +274,7 @@ def chat_dataset(tokenizer, source, *, format: str = "openai", column_map: Mappi
                  train_on_input: bool = False, max_seq_len: int | None = None, packed: bool = False,
                  long_examples: str = "truncate", split: str = "train", val_fraction: float = 0.0,
                  seed: int = 0, skip_bad_rows: bool = False, text_split: str = "file", num_workers: int = 1,
-                     **hf_kwargs):
+                 streaming: bool = False, shuffle_buffer: int = 0, **hf_kwargs):
     """Multi-turn conversations. ``format``: ``"openai"`` (``messages`` with role/content) or
     ``"sharegpt"`` (``conversations`` with from/value)."""
     transforms = {"openai": OpenAIToMessages, "sharegpt": ShareGPTToMessages}
@@ -254,7 +283,8 @@ def chat_dataset(tokenizer, source, *, format: str = "openai", column_map: Mappi
     return _sft(tokenizer, source, transforms[format](column_map), train_on_input=train_on_input,
                 max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
                 val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
-                text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
+                text_split=text_split, num_workers=num_workers, streaming=streaming,
+                shuffle_buffer=shuffle_buffer, hf_kwargs=hf_kwargs)
 
 
 @config_kwargs(*HF_LOAD_KWARGS)
@@ -262,10 +292,12 @@ def text_completion_dataset(tokenizer, source, *, column_map: Mapping[str, str] 
                             max_seq_len: int | None = None, packed: bool = False,
                             long_examples: str = "truncate", split: str = "train",
                             val_fraction: float = 0.0, seed: int = 0, skip_bad_rows: bool = False,
-                            text_split: str = "file", num_workers: int = 1, **hf_kwargs):
+                            text_split: str = "file", num_workers: int = 1, streaming: bool = False,
+                            shuffle_buffer: int = 0, **hf_kwargs):
     """Plain text for continued pretraining: every token after BOS is a target. ``.txt`` files are
     one document per file (``text_split="file"``) or per blank-line separated block (``"paragraph"``)."""
     return _sft(tokenizer, source, TextToDocument(column_map), train_on_input=True,
                 max_seq_len=max_seq_len, packed=packed, long_examples=long_examples, split=split,
                 val_fraction=val_fraction, seed=seed, skip_bad_rows=skip_bad_rows,
-                text_split=text_split, num_workers=num_workers, hf_kwargs=hf_kwargs)
+                text_split=text_split, num_workers=num_workers, streaming=streaming,
+                shuffle_buffer=shuffle_buffer, hf_kwargs=hf_kwargs)

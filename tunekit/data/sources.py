@@ -11,10 +11,11 @@ multi-gigabyte file costs 8 bytes per row of RAM and shuffled access still works
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import mmap
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,12 +220,77 @@ def read_text(path: Path, text_split: str) -> ListRows:
     return ListRows(rows, str(path), wheres)
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _load_from_disk(path: Path, hf_split: str) -> HFRows:
+    datasets = _require_datasets(f"reading the saved dataset {path}")
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if hf_split not in data:
+            raise DataError(f"hf_split {hf_split!r} is not a split of this saved DatasetDict (splits: "
+                            f"{', '.join(data)}); set the dataset's hf_split", where=str(path))
+        data = data[hf_split]
+    return HFRows(data, str(path))
+
+
 def _require_datasets(what: str):
     try:
         import datasets  # noqa: F401  (optional dependency, imported only when needed)
     except ImportError:
         raise MissingPackageError(f"{what} needs the optional 'datasets' package: {HF_INSTALL_HINT}") from None
     return datasets
+
+
+class HFStream:
+    """Rows of a ``datasets.IterableDataset`` (``streaming: true``): read in order as they arrive,
+    never downloaded or held whole. ``rows(skip=k)`` starts at row ``k`` (the rows before it are
+    read and discarded: a resumed stream costs a re-read, not a re-tokenization)."""
+
+    def __init__(self, dataset, name: str):
+        self.dataset, self.name = dataset, name
+
+    def rows(self, *, skip: int = 0, shuffle_buffer: int = 0, seed: int = 0) -> Iterator[dict[str, Any]]:
+        """The rows from row ``skip`` on; ``shuffle_buffer > 0``: in ``datasets``' buffered shuffle
+        order for ``seed`` (the same order for the same seed)."""
+        data = self.dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else self.dataset
+        return itertools.islice(iter(data), skip, None)
+
+    def where(self, k: int) -> str:
+        return f"{self.name} row {k}"
+
+
+# datasets' builder for each local file type it can stream
+_STREAM_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
+
+
+def open_stream(source: str | os.PathLike | Sequence, *, hf_split: str = "train", **hf_kwargs) -> HFStream:
+    """``source`` as a stream through ``datasets.load_dataset(..., streaming=True)``: local files
+    (a file, a directory of them or a list; one file type) or a hub dataset name (``hf_split`` and
+    ``hf_kwargs`` as for :func:`load_rows`, e.g. ``open_stream("json", data_files="big/*.jsonl")``)."""
+    datasets = _require_datasets("streaming: true")
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in _STREAM_BUILDERS)
+        elif path.is_file():
+            files.append(path)
+    if not files:
+        if len(items) != 1 or Path(str(items[0])).suffix.lower() in LOCAL_SUFFIXES:
+            raise DataError("file not found (or no .jsonl/.json/.csv/.txt/.parquet files)", where=str(source))
+        data = datasets.load_dataset(str(items[0]), split=hf_split, streaming=True, **hf_kwargs)
+        return HFStream(data, str(items[0]))
+    builders = {_STREAM_BUILDERS.get(p.suffix.lower()) for p in files}
+    if None in builders or len(builders) > 1:
+        raise DataError(f"streaming reads one file type at a time through datasets ({', '.join(_STREAM_BUILDERS)}); "
+                        f"got {', '.join(sorted({p.suffix for p in files}))}", where=str(source))
+    data = datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train", streaming=True,
+                                 **hf_kwargs)
+    return HFStream(data, ", ".join(str(p) for p in files))
 
 
 # The keywords of datasets.load_dataset that dataset builders pass through from a config (their
@@ -250,6 +316,8 @@ def load_rows(source: str | os.PathLike | Sequence | Mapping, *, text_split: str
         parts = [load_rows(s, text_split=text_split, hf_split=hf_split, **hf_kwargs) for s in source]
         return parts[0] if len(parts) == 1 else ConcatRows(parts)
     path = Path(source)
+    if path.is_dir() and _is_saved_dataset(path):
+        return _load_from_disk(path, hf_split)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
         if not files:
