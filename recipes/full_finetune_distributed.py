@@ -32,8 +32,9 @@ from tunekit.models.vocabulary import check_tokenizer_fits
 from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.checkpoint_files import write_hf_model
 from tunekit.training.cpu_allocator import keep_freed_cpu_memory
-from tunekit.training.data_loaders import count_training_steps, train_loader
+from tunekit.training.data_loaders import batches_per_epoch, count_training_steps, training_loader
 from tunekit.training.device import get_device, get_dtype
+from tunekit.training.early_stopping import ValidationWatch
 from tunekit.training.evaluation import build_eval_loaders, evaluate_all
 from tunekit.training.fsdp import gather_full_state_dict, no_grad_sync, shard_from_rank0
 from tunekit.training.interrupt import stop_on_interrupt
@@ -51,7 +52,6 @@ from tunekit.training.recipe_config import FSDP, MODEL_AND_DATA_KEYS, RUN_KEYS, 
 from tunekit.training.recipe_models import base_architecture
 from tunekit.training.resume import restore_sharded_training_state, resume_dir_of, save_sharded_training_state
 from tunekit.training.rng import set_seed
-from tunekit.training.sampler import ResumableSampler
 from tunekit.training.step_checkpoints import save_step_checkpoint
 from tunekit.training.train_step import (
     check_finite_step,
@@ -117,7 +117,8 @@ def train_step(cfg, model: nn.Module, micro_batches: list, *, trainable: list, o
                         device=device)
 
 
-def save_checkpoint(cfg, model: nn.Module, step: int, progress: dict, dtype: torch.dtype) -> Path:
+def save_checkpoint(cfg, model: nn.Module, step: int, progress: dict, dtype: torch.dtype,
+                    best: dict | None = None) -> Path:
     """``step_<N>/`` as the single-device recipe writes it (HF model in ``dtype``, from rank 0)
     with sharded resume state from every rank, committed atomically by rank 0."""
 
@@ -127,7 +128,7 @@ def save_checkpoint(cfg, model: nn.Module, step: int, progress: dict, dtype: tor
         if full:  # rank 0 writes last, so a failure here cannot leave the other ranks in a collective
             write_hf_model(folder, {k: v.to(dtype) for k, v in full.items()}, cfg.checkpoint_dir)
 
-    path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n)
+    path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n, best=best)
     log_rank_zero(log, f"saved {path}")
     return path
 
@@ -150,14 +151,15 @@ def main(cfg) -> None:
     tokenizer = instantiate(cfg.tokenizer)
     check_tokenizer_fits(tokenizer, model, model_source=cfg.checkpoint_dir)
     train_set = instantiate(cfg.dataset, tokenizer)
-    sampler = ResumableSampler(len(train_set), rank=rank, world_size=world_size, shuffle=cfg.shuffle, seed=cfg.seed)
-    loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    loader, sampler = training_loader(train_set, batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
+                                      num_workers=cfg.num_workers, rank=rank, world_size=world_size)
     # every rank evaluates the same global batches: the numbers of the single-device recipe
     eval_sets = build_eval_loaders({"val_loss": cfg.val_dataset, "forget_loss": cfg.forget_dataset}, tokenizer,
                                    batch_size=cfg.batch_size * world_size, num_workers=cfg.num_workers)
 
-    _, total_steps = count_training_steps(len(loader), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                          epochs=cfg.epochs, max_steps=cfg.max_steps)
+    watch = ValidationWatch(cfg.keep_best, cfg.early_stopping, evaluated=eval_sets)  # checks keep_best / early_stopping
+    _, total_steps = count_training_steps(batches_per_epoch(loader), epochs=cfg.epochs, max_steps=cfg.max_steps,
+                                          gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     optimizer = instantiate(cfg.optimizer, trainable)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
 
@@ -166,7 +168,7 @@ def main(cfg) -> None:
     if resume_dir is not None:
         step, epoch = restore_sharded_training_state(resume_dir, model=model, optimizer=optimizer,
                                                      lr_scheduler=lr_scheduler, sampler=sampler,
-                                                     trainable_only=False, seed=cfg.seed)
+                                                     trainable_only=False, seed=cfg.seed, watch=watch)
         log_rank_zero(log, f"resumed from {resume_dir} at step {step}, epoch {epoch}")
 
     logger = rank_zero_metric_logger(cfg.output_dir, total_steps=total_steps, initial_step=step,
@@ -181,13 +183,14 @@ def main(cfg) -> None:
             if step % cfg.eval_every_n_steps == 0 or step == total_steps:
                 metrics.update(evaluate_all(model, eval_sets, device=device, max_batches=cfg.eval_max_batches))
             logger.log(step, metrics)
+            decision = watch.update(step, metrics)  # keep_best, early_stopping, overfitting warning
             stopping = any_rank(stop.is_set)  # every rank must take the same branch
-            if step % cfg.save_every_n_steps == 0 or step == total_steps or stopping:
+            if step % cfg.save_every_n_steps == 0 or step == total_steps or stopping or decision.save:
                 progress = dict(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                sampler=sampler, consumed=consumed)
-                save_checkpoint(cfg, model, step, progress, dtype)
-            if stopping:
-                log_rank_zero(log, f"stopped at step {step}; continue with resume=true")
+                                sampler=sampler, consumed=consumed, watch=watch)
+                save_checkpoint(cfg, model, step, progress, dtype, best=watch.best_record)
+            if stopping or decision.stop:
+                log_rank_zero(log, f"stopped at step {step}" + ("" if decision.stop else "; continue with resume=true"))
                 return
     log_rank_zero(log, f"done: {step} steps, checkpoints in {cfg.output_dir}")
 

@@ -27,15 +27,15 @@ from tunekit.training.activation_checkpointing import apply_activation_checkpoin
 from tunekit.training.activation_offloading import offload_activations
 from tunekit.training.checkpoint_files import write_hf_model
 from tunekit.training.cpu_allocator import keep_freed_cpu_memory
-from tunekit.training.data_loaders import count_training_steps, train_loader
+from tunekit.training.data_loaders import batches_per_epoch, count_training_steps, training_loader
 from tunekit.training.device import get_device, get_dtype
+from tunekit.training.early_stopping import ValidationWatch
 from tunekit.training.evaluation import build_eval_loaders, evaluate_all
 from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.training.metric_logging import MetricLogger
 from tunekit.training.recipe_config import FSDP, MODEL_AND_DATA_KEYS, RUN_KEYS, TRAINING_LOOP_KEYS
 from tunekit.training.resume import restore_training_state, resume_dir_of, training_state
 from tunekit.training.rng import set_seed
-from tunekit.training.sampler import ResumableSampler
 from tunekit.training.step_checkpoints import save_step_checkpoint
 from tunekit.training.train_step import (
     check_finite_step,
@@ -93,14 +93,14 @@ def train_step(cfg, model: nn.Module, micro_batches: list, *, optimizer, lr_sche
                         device=device)
 
 
-def save_checkpoint(cfg, model: nn.Module, step: int, state: dict) -> Path:
+def save_checkpoint(cfg, model: nn.Module, step: int, state: dict, best: dict | None = None) -> Path:
     """``step_<N>/``: the HF model and the resume state, written atomically."""
 
     def write(folder: Path) -> None:
         write_hf_model(folder, model.state_dict(), cfg.checkpoint_dir)
         save_recipe_state(folder, state)
 
-    path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n)
+    path = save_step_checkpoint(cfg.output_dir, step, write, keep_last_n=cfg.keep_last_n, best=best)
     log.info(f"saved {path}")
     return path
 
@@ -120,20 +120,21 @@ def main(cfg) -> None:
     tokenizer = instantiate(cfg.tokenizer)
     check_tokenizer_fits(tokenizer, model, model_source=cfg.checkpoint_dir)
     train_set = instantiate(cfg.dataset, tokenizer)
-    sampler = ResumableSampler(len(train_set), shuffle=cfg.shuffle, seed=cfg.seed)
-    loader = train_loader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+    loader, sampler = training_loader(train_set, batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
+                                      num_workers=cfg.num_workers)
     eval_sets = build_eval_loaders({"val_loss": cfg.val_dataset, "forget_loss": cfg.forget_dataset}, tokenizer,
                                    batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
-    _, total_steps = count_training_steps(len(loader), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                          epochs=cfg.epochs, max_steps=cfg.max_steps)
+    watch = ValidationWatch(cfg.keep_best, cfg.early_stopping, evaluated=eval_sets)  # checks keep_best / early_stopping
+    _, total_steps = count_training_steps(batches_per_epoch(loader), epochs=cfg.epochs, max_steps=cfg.max_steps,
+                                          gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     optimizer = instantiate(cfg.optimizer, model.parameters())
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
 
     step, epoch = 0, 0
     if resume_dir is not None:
         step, epoch = restore_training_state(load_recipe_state(resume_dir), optimizer=optimizer,
-                                             lr_scheduler=lr_scheduler, sampler=sampler)
+                                             lr_scheduler=lr_scheduler, sampler=sampler, watch=watch)
         log.info(f"resumed from {resume_dir} at step {step}, epoch {epoch}")
 
     logger = MetricLogger(cfg.output_dir, total_steps=total_steps, initial_step=step,
@@ -148,12 +149,13 @@ def main(cfg) -> None:
             if step % cfg.eval_every_n_steps == 0 or step == total_steps:
                 metrics.update(evaluate_all(model, eval_sets, device=device, max_batches=cfg.eval_max_batches))
             logger.log(step, metrics)
-            if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set:
+            decision = watch.update(step, metrics)  # keep_best, early_stopping, overfitting warning
+            if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.is_set or decision.save:
                 state = training_state(step=step, epoch=epoch, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                       sampler=sampler, consumed=consumed)
-                save_checkpoint(cfg, model, step, state)
-            if stop.is_set:
-                log.info(f"stopped at step {step}; continue with resume=true")
+                                       sampler=sampler, consumed=consumed, watch=watch)
+                save_checkpoint(cfg, model, step, state, best=watch.best_record)
+            if stop.is_set or decision.stop:
+                log.info(f"stopped at step {step}" + ("" if decision.stop else "; continue with resume=true"))
                 return
     log.info(f"done: {step} steps, checkpoints in {cfg.output_dir}")
 

@@ -14,7 +14,7 @@ from tunekit.data.sources import load_rows
 
 datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")
-import pyarrow as pa  # noqa: E402  (after the importorskip above)
+import pyarrow as pa
 
 TOK = ByteTokenizer()
 S = 64  # packed row length
@@ -22,7 +22,7 @@ S = 64  # packed row length
 
 def random_chats(n, seed=0):
     rng = random.Random(seed)
-    text = lambda k: " ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 4))) for _ in range(k))  # noqa: E731
+    text = lambda k: " ".join("".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 4))) for _ in range(k))
     return [{"messages": [{"role": "user", "content": text(rng.randint(1, 5))},
                           {"role": "assistant", "content": text(rng.randint(1, 25))}]} for _ in range(n)]
 
@@ -121,7 +121,11 @@ def loop_rows(loader, sampler, *, steps, accumulation, step=0, epoch=0):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_stream_resume_continues_with_the_same_rows(tmp_path, world):
-    from tunekit.training.data_loaders import batches_per_epoch, count_training_steps, training_loader
+    from tunekit.training.data_loaders import (
+        batches_per_epoch,
+        count_training_steps,
+        training_loader,
+    )
 
     small = write_jsonl(tmp_path / "small.jsonl", random_chats(14))
 
@@ -156,7 +160,7 @@ def test_stream_shuffle_buffer_is_seeded_and_bad_rows(tmp_path, chat_file, caplo
     assert order(0, 0) == order(0, 0) != order(0, 1)
     in_order = rows_of(chat_dataset(TOK, chat_file, packed=True, max_seq_len=S))
     assert order(0, 0) != in_order  # shuffled ...
-    tokens = lambda rows: sorted(t for r in rows for t in r[0])  # noqa: E731
+    tokens = lambda rows: sorted(t for r in rows for t in r[0])
     assert tokens(order(0, 0)) == tokens(in_order)  # ... the same documents
     bad = write_jsonl(tmp_path / "bad.jsonl", random_chats(3) + [{"messages": []}] + random_chats(2, seed=1))
     with pytest.raises(DataError, match=r"bad.jsonl row 3"):

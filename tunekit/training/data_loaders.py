@@ -43,7 +43,7 @@ def training_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: i
         dataset.shard(rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate, num_workers=0), dataset
+        return _loader(dataset, batch_size, None, 0), dataset
     sampler = ResumableSampler(len(dataset), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
     return train_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers), sampler
 
