@@ -5,6 +5,7 @@ import json
 import logging
 import random
 
+import numpy as np
 import pytest
 import torch
 from fake_tokenizer import ByteTokenizer
@@ -184,3 +185,107 @@ def test_stream_config_mistakes_are_user_errors(chat_file):
         chat_dataset(TOK, chat_file, shuffle_buffer=8)
     with pytest.raises(DataError, match="file not found"):
         text_completion_dataset(TOK, "missing/file.jsonl", packed=True, max_seq_len=S, streaming=True)
+
+
+# -- weighted mixing ----------------------------------------------------------------------------
+
+def mix_config(tmp_path, weights=(3, 1), num_examples=None, seed=0):
+    from omegaconf import OmegaConf
+
+    a = write_jsonl(tmp_path / "a.jsonl", random_chats(10, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"doc {i}"} for i in range(30)])
+    return OmegaConf.create({"dataset": {
+        "_component_": "tunekit.data.mix_datasets", "seed": seed, "num_examples": num_examples,
+        "datasets": [{"weight": weights[0], "dataset": {"_component_": "tunekit.data.chat_dataset", "source": str(a)}},
+                     {"weight": weights[1], "dataset": {"_component_": "tunekit.data.text_completion_dataset",
+                                                        "source": str(b)}}]}})
+
+
+def test_mix_proportions_and_determinism_from_a_config(tmp_path):
+    from tunekit.config import instantiate, validate
+    from tunekit.data.mixing import mixture_counts
+
+    cfg = mix_config(tmp_path, num_examples=100)
+    validate(cfg)  # the nested dataset components are checked like any other
+    mixed = instantiate(cfg.dataset, TOK)
+    assert len(mixed) == 100
+    sources = [mixed.source_of(j) for j in range(100)]
+    assert sum(k == 0 for k, _ in sources) == 75 and sum(k == 1 for k, _ in sources) == 25  # 3:1
+    # dataset 0 (10 rows) is upsampled: every row 7 or 8 times; dataset 1 (30 rows) downsampled: 25 distinct
+    counts0 = np.bincount([i for k, i in sources if k == 0], minlength=10)
+    assert counts0.min() >= 7 and counts0.max() <= 8
+    assert len({i for k, i in sources if k == 1}) == 25
+    again = instantiate(mix_config(tmp_path, num_examples=100).dataset, TOK)
+    assert [again.source_of(j) for j in range(100)] == sources  # the same plan from the same seed
+    other = instantiate(mix_config(tmp_path, num_examples=100, seed=1).dataset, TOK)
+    assert [other.source_of(j) for j in range(100)] != sources
+    # the default epoch: the sum of the sizes (40), split 30:10
+    default = instantiate(mix_config(tmp_path).dataset, TOK)
+    assert len(default) == 40 and sum(default.source_of(j)[0] == 0 for j in range(40)) == 30
+    assert list(mixture_counts([1, 1, 1], 10)) == [4, 3, 3]
+    assert default[0] == default.parts[default.source_of(0)[0]][default.source_of(0)[1]]
+    batch = default.collate([default[j] for j in range(4)])  # both parts batch alike (unpacked)
+    assert batch["tokens"].shape[0] == 4
+
+
+def test_mix_resumes_exactly_with_the_sampler(tmp_path):
+    from tunekit.config import instantiate
+    from tunekit.training.data_loaders import training_loader
+
+    def run(state=None, steps=7, step=0, epoch=0):
+        from tunekit.training.train_step import training_steps
+
+        mixed = instantiate(mix_config(tmp_path, num_examples=20).dataset, TOK)
+        loader, sampler = training_loader(mixed, batch_size=3, shuffle=True, seed=5, num_workers=0)
+        if state is not None:
+            sampler.load_state_dict(state)
+        return [(s, e, c, [t for b in mb for t in b["tokens"].tolist()], sampler.state_dict(consumed=c))
+                for s, e, c, mb in training_steps(loader, sampler, gradient_accumulation_steps=2, step=step,
+                                                  epoch=epoch, total_steps=steps)]
+
+    full = run()
+    assert {e for _, e, *_ in full} == {0, 1}  # 20 examples / batch 3 = 7 micro-batches: 4 steps per epoch
+    for stop in range(1, 7):
+        _, epoch, _, _, state = full[stop - 1]
+        assert [r[:4] for r in run(state, step=stop, epoch=epoch)] == [r[:4] for r in full[stop:]]
+
+
+def test_mix_rejects_datasets_that_batch_differently(tmp_path):
+    from tunekit.config.errors import UserError
+    from tunekit.data import mix_datasets
+
+    a = write_jsonl(tmp_path / "a.jsonl", random_chats(5))
+    with pytest.raises(UserError, match="batch alike"):
+        mix_datasets(TOK, [{"weight": 1, "dataset": chat_dataset(TOK, a)},
+                           {"weight": 1, "dataset": chat_dataset(TOK, a, packed=True, max_seq_len=S)}])
+    with pytest.raises(UserError, match="weight must be a number > 0"):
+        mix_datasets(TOK, [{"weight": 0, "dataset": chat_dataset(TOK, a)}])
+    with pytest.raises(UserError, match=r"datasets\[0\] must be \{weight"):
+        mix_datasets(TOK, [{"source": str(a), "weight": 1}])
+
+
+# -- every example once per epoch, the short accumulation step included -------------------------
+
+def test_every_example_once_per_epoch_with_a_short_last_step():
+    from tunekit.training.data_loaders import count_training_steps, training_loader
+    from tunekit.training.train_step import training_steps
+
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return i
+
+        def collate(self, batch):
+            return {"tokens": torch.tensor(batch)}
+
+    loader, sampler = training_loader(Numbers(), batch_size=2, shuffle=True, seed=0, num_workers=0)
+    per_epoch, total = count_training_steps(len(loader), gradient_accumulation_steps=2, epochs=3, max_steps=None)
+    assert (per_epoch, total) == (3, 9)  # 5 micro-batches: steps of 2, 2 and 1
+    seen = {}
+    for step, epoch, consumed, batches in training_steps(loader, sampler, gradient_accumulation_steps=2, step=0,
+                                                         epoch=0, total_steps=total):
+        seen.setdefault(epoch, []).extend(t for b in batches for t in b["tokens"].tolist())
+    assert {e: sorted(v) for e, v in seen.items()} == {e: list(range(10)) for e in range(3)}
+    assert consumed == 10

@@ -35,6 +35,19 @@ def config_kwargs(*names: str) -> Callable[[Callable], Callable]:
     return mark
 
 
+def config_nodes(*names: str) -> Callable[[Callable], Callable]:
+    """Declare arguments a callable receives as their config nodes, not built: it instantiates
+    the ``_component_`` nodes inside them itself, with arguments only it has::
+
+        @config_nodes("datasets")
+        def mix_datasets(tokenizer, datasets, ...):  # instantiate(entry.dataset, tokenizer)
+    """
+    def mark(fn: Callable) -> Callable:
+        fn.__config_nodes__ = frozenset(names)
+        return fn
+    return mark
+
+
 def declared_kwargs(fn: Any) -> frozenset[str] | None:
     """The names declared with :func:`config_kwargs`, or None."""
     return getattr(fn, "__config_kwargs__", None)
@@ -133,6 +146,7 @@ def _build(node: Any, key: str) -> Any:
 
 def _call(node: DictConfig, key: str, args: tuple, kwargs: dict) -> Any:
     fn = import_component(node[_COMPONENT], f"{key}.{_COMPONENT}")
+    unbuilt = getattr(fn, "__config_nodes__", frozenset())
     built = {}
     for k in node:
         if k == _COMPONENT or k in kwargs:
@@ -140,7 +154,7 @@ def _call(node: DictConfig, key: str, args: tuple, kwargs: dict) -> Any:
         if OmegaConf.is_missing(node, k):
             raise ConfigError(f"{key}.{k} is ??? (to be passed by the recipe) but nothing passed it; "
                               f"set it in the config or on the command line: {key}.{k}=...")
-        built[k] = _build(node[k], f"{key}.{k}")
+        built[k] = node[k] if k in unbuilt else _build(node[k], f"{key}.{k}")
     built.update(kwargs)
     _check_declared_kwargs(fn, node[_COMPONENT], key, built)
     try:

@@ -26,6 +26,7 @@ from tunekit.data.messages import (
     detect_format,
     validate_messages,
 )
+from tunekit.data.mixing import MixedDataset, mix_datasets
 from tunekit.data.packing import PackedDataset, greedy_pack, pack_dataset
 from tunekit.data.preference import (
     KTODataset,
@@ -47,7 +48,7 @@ __all__ = [
     "load_rows", "split_indices", "shift_labels",
     "SFTDataset", "PreferenceDataset", "KTODataset", "PackedDataset",
     "instruct_dataset", "chat_dataset", "text_completion_dataset", "preference_dataset", "kto_dataset",
-    "greedy_pack", "pack_dataset",
+    "greedy_pack", "pack_dataset", "mix_datasets", "MixedDataset",
     "padded_collate", "packed_collate", "preference_collate", "kto_collate", "collate_sequence_pairs",
     "block_causal_mask",
 ]
