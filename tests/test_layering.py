@@ -1,6 +1,6 @@
 """Imports between tunekit's packages run one way (docs/design.md, "Layers"):
 
-    cli, recipes -> training, generation -> models -> modules -> losses -> checkpoint -> config
+    cli, recipes -> training -> evaluation -> generation -> models -> modules -> losses -> checkpoint -> config
 
 (``data`` sits beside ``modules``: training and generation use it, it uses modules' masks;
 ``losses`` are pure functions of tensors.) Every
@@ -22,10 +22,13 @@ ALLOWED = {
     "modules": {"losses", "checkpoint", "config"},
     "models": {"modules", "losses", "checkpoint", "config"},
     "data": {"modules", "losses", "checkpoint", "config"},
-    "training": {"models", "modules", "losses", "data", "checkpoint", "config"},
     "generation": {"models", "modules", "losses", "data", "checkpoint", "config"},
-    "cli": {"training", "generation", "models", "modules", "losses", "data", "checkpoint", "config"},
-    "recipes": {"training", "generation", "models", "modules", "losses", "data", "checkpoint", "config"},
+    # benchmark tasks: generation and log-likelihoods; the training recipes run them (eval_tasks)
+    "evaluation": {"generation", "models", "modules", "losses", "data", "checkpoint", "config"},
+    "training": {"evaluation", "models", "modules", "losses", "data", "checkpoint", "config"},
+    "cli": {"training", "evaluation", "generation", "models", "modules", "losses", "data", "checkpoint", "config"},
+    "recipes": {"training", "evaluation", "generation", "models", "modules", "losses", "data", "checkpoint",
+                "config"},
 }
 
 

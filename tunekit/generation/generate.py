@@ -42,7 +42,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return tokens.to(device), is_token.to(device)
 
 
-def _max_positions(model: nn.Module) -> int | None:
+def max_positions(model: nn.Module) -> int | None:
     """The shortest rotary table in ``model`` (positions must stay below it), or None."""
     lengths = [m.max_seq_len for m in model.modules() if isinstance(m, RotaryEmbedding)]
     return min(lengths) if lengths else None
@@ -106,7 +106,7 @@ def generate(model: nn.Module, tokens: torch.Tensor, *, max_new_tokens: int, is_
     if not bool(is_token[:, -1].all()):
         raise ValueError("generate: prompts must be left-padded (the last column of is_token must be all True)")
     b, s = tokens.shape
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and s + max_new_tokens > limit:
         raise UserError(f"generate: prompt length {s} + max_new_tokens {max_new_tokens} exceeds the model's "
                         f"{limit} positions; shorten the prompts or lower max_new_tokens")
