@@ -123,7 +123,7 @@ def main(cfg) -> None:
     loader, sampler = training_loader(train_set, batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
                                       num_workers=cfg.num_workers)
     eval_sets = build_eval_loaders({"val_loss": cfg.val_dataset, "forget_loss": cfg.forget_dataset}, tokenizer,
-                                   batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+                                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, tasks=cfg.eval_tasks)
 
     watch = ValidationWatch(cfg.keep_best, cfg.early_stopping, evaluated=eval_sets)  # checks keep_best / early_stopping
     _, total_steps = count_training_steps(batches_per_epoch(loader), epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -137,8 +137,8 @@ def main(cfg) -> None:
                                              lr_scheduler=lr_scheduler, sampler=sampler, watch=watch)
         log.info(f"resumed from {resume_dir} at step {step}, epoch {epoch}")
 
-    logger = MetricLogger(cfg.output_dir, total_steps=total_steps, initial_step=step,
-                          log_every=cfg.log_every_n_steps, **cfg.metric_logging)
+    logger = MetricLogger(cfg.output_dir, cfg.metric_logging, config=cfg, total_steps=total_steps,
+                          initial_step=step, log_every=cfg.log_every_n_steps)
     with stop_on_interrupt() as stop, logger:
         model.train()
         batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,

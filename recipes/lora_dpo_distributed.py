@@ -181,7 +181,8 @@ def main(cfg) -> None:
     pair_sets = {} if val_set is None else {
         "eval": eval_loader(val_set, batch_size=cfg.batch_size * world_size, num_workers=cfg.num_workers)}
     text_sets = build_eval_loaders({"forget_loss": cfg.forget_dataset}, tokenizer,
-                                   batch_size=cfg.batch_size * world_size, num_workers=cfg.num_workers)
+                                   batch_size=cfg.batch_size * world_size, num_workers=cfg.num_workers,
+                                   tasks=cfg.eval_tasks)
 
     # keep_best / early_stopping: the metric must be one this run evaluates (eval_loss, ..., forget_loss)
     watch = ValidationWatch(cfg.keep_best, cfg.early_stopping, evaluated=[*(f"{n}_*" for n in pair_sets), *text_sets])
@@ -198,8 +199,8 @@ def main(cfg) -> None:
                                                      trainable_only=True, seed=cfg.seed, watch=watch)
         log_rank_zero(log, f"resumed from {resume_dir} at step {step}, epoch {epoch}")
 
-    logger = rank_zero_metric_logger(cfg.output_dir, total_steps=total_steps, initial_step=step,
-                                     log_every=cfg.log_every_n_steps, **cfg.metric_logging)
+    logger = rank_zero_metric_logger(cfg.output_dir, cfg.metric_logging, config=cfg, total_steps=total_steps,
+                                     initial_step=step, log_every=cfg.log_every_n_steps)
     with stop_on_interrupt() as stop, logger:
         model.train()
         batches = training_steps(loader, sampler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,

@@ -169,7 +169,7 @@ class ValidationWatch:
         if len(pairs) == OVERFIT_EVALS and all(b[0] < a[0] and b[1] > a[1] for a, b in pairs):
             (train0, val0), (train1, val1) = self.history[0], self.history[-1]
             log_rank_zero(log, f"warning: step {step}: over the last {OVERFIT_EVALS} evaluations the training loss "
-                               f"fell ({train0:.4g} -> {train1:.4g}) while {name} rose ({val0:.4g} -> {val1:.4g}): "
+                               f"fell ({train0:.4f} -> {train1:.4f}) while {name} rose ({val0:.4f} -> {val1:.4f}): "
                                "the model is overfitting; keep_best / early_stopping keep or stop at the best step "
                                "(docs/recipes.md)", logging.WARNING)
 
