@@ -271,14 +271,23 @@ class TemplateChatFormat(ChatFormat):
             if i == 0:
                 raise ValueError("messages[0] is an assistant message: the chat template's mask "
                                  "needs the text before each assistant turn")
-            start = self._turn_start(messages, i, tools, full)
+            before = self._render(messages[:i], True, tools)
+            last_turn = self._render(messages[:i + 1], False, tools)
+            if not last_turn.startswith(before):
+                plain = self._render(messages[:i], False, tools)
+                if not last_turn.startswith(plain):
+                    raise self._not_prefix(i, "the messages before it are written differently "
+                                              "once it follows")
+                raise ValueError(
+                    f"{self.where}: assistant messages[{i}] does not continue the template's "
+                    f"generation prompt {before[len(plain):]!r} (e.g. reasoning in a Qwen3 turn "
+                    "with enable_thinking=false): the model would never be prompted that way; "
+                    "fix the data or the template kwargs")
+            start = self._turn_start(messages, i, tools, full, before)
             if spans and start < spans[-1][1]:
                 raise self._not_prefix(i, "its turn starts inside the previous assistant turn")
-            last_turn = self._render(messages[:i + 1], False, tools)
-            before = self._render(messages[:i], True, tools)
-            common = _common_prefix(before, last_turn)
-            turn = last_turn[common:]
-            if full.startswith(turn, start) and common == len(before):
+            turn = last_turn[len(before):]
+            if full.startswith(turn, start):
                 end = start + len(turn)
             else:  # the template writes this turn differently when later turns follow
                 closing = self._closing_token(turn.rstrip())
@@ -290,10 +299,10 @@ class TemplateChatFormat(ChatFormat):
             spans.append((start, self._trim_after_closing(full, start, end)))
         return full, spans
 
-    def _turn_start(self, messages, i, tools, full) -> int:
-        """Where assistant message ``i`` starts in ``full``: after the generation prompt that
-        follows ``messages[:i]``, or the part of it ``full`` also has."""
-        before = self._render(messages[:i], True, tools)
+    def _turn_start(self, messages, i, tools, full, before) -> int:
+        """Where assistant message ``i`` starts in ``full``: after ``before`` (``messages[:i]``
+        and the generation prompt), or after the part of the generation prompt ``full`` also
+        has (Qwen3 without thinking: earlier turns have no empty <think> block)."""
         if full.startswith(before):
             return len(before)
         plain = self._render(messages[:i], False, tools)
@@ -393,7 +402,7 @@ def first_difference(python: ChatFormat, template: TemplateChatFormat, tok) -> s
         if ours != theirs:
             k = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b),
                      min(len(ours), len(theirs)))
-            return (f"on the {name} probe the ids differ from token {k}: Python "
+            return (f"on the {name} probe: ids differ from token {k}, Python "
                     f"{tok.decode(ours[k:k + 8], skip_special_tokens=False)!r} vs template "
                     f"{tok.decode(theirs[k:k + 8], skip_special_tokens=False)!r}")
         compared += 1
