@@ -251,6 +251,20 @@ def run_pipeline(tokenizer, data: Path, seq_len: int, workers: int, repeats: int
             "median_tokens_per_s": median, "runs": runs}
 
 
+def run_validation(tokenizer, data: Path, workers: int) -> dict:
+    """An unpacked dataset's build: every row transformed and tokenized once (the up-front check
+    that stops a bad row before training), then nothing kept but the row index."""
+    from tunekit.data import chat_dataset
+
+    with CpuMeter() as meter:
+        ds = chat_dataset(tokenizer, data, max_seq_len=2048, num_workers=workers)
+    print(f"  unpacked build with row validation, workers={workers}: {len(ds):,} rows in {meter.wall:.2f}s "
+          f"({len(ds) / meter.wall:,.0f} rows/s; other processes kept {meter.outside_cores or 0:.2f} of {os.cpu_count()} "
+          "cores busy)", flush=True)
+    return {"workers": workers, "rows": len(ds), "seconds": round(meter.wall, 3),
+            "outside_cores": None if meter.outside_cores is None else round(meter.outside_cores, 2)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=100_000)
@@ -294,6 +308,7 @@ def main() -> int:
                   f"vocab {tokenizer.vocab_size}, {info['chars_per_token']} characters/token, chat format "
                   f"{chat_format} (trained in {time.perf_counter() - t0:.1f}s)")
             info["pipeline"] = [run_pipeline(tokenizer, data, args.seq_len, w, args.repeats) for w in workers]
+            info["validate_unpacked"] = [run_validation(tokenizer, data, w) for w in workers]
 
             # Where the time goes: the tokenizer's chat tokenization alone, on the same kind of rows.
             t0 = time.perf_counter()
