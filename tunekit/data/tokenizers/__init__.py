@@ -11,6 +11,7 @@ from tunekit.data.tokenizers.chat_formats import (
     get_chat_format,
     guess_chat_format,
 )
+from tunekit.data.tokenizers.chat_template import TemplateChatFormat
 from tunekit.data.tokenizers.hf_checkpoint import from_hf
 from tunekit.data.tokenizers.hf_json import HFTokenizersBPE, load_tokenizer_json
 from tunekit.data.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
@@ -24,7 +25,7 @@ from tunekit.data.tokenizers.tiktoken_tokenizer import (
 
 __all__ = [
     "BaseTokenizer", "CHAT_FORMATS", "ChatFormat", "HFTokenizersBPE", "LLAMA3_PATTERN", "Message",
-    "SentencePieceTokenizer", "TiktokenTokenizer", "from_hf", "get_chat_format",
+    "SentencePieceTokenizer", "TemplateChatFormat", "TiktokenTokenizer", "from_hf", "get_chat_format",
     "guess_chat_format", "llama3_special_tokens", "llama3_tokenizer", "load_tiktoken_ranks",
     "load_tokenizer_json",
 ]
