@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import pickle
 import re
 import shutil
 
@@ -288,6 +289,8 @@ def test_generation_markers_match_hf_assistant_mask(qwen_files, tmp_path_factory
     messages = CONVERSATIONS[name]
     gen = name == "prompt_only"
     ids, mask = check(tok, hf, messages, gen)
+    copy = pickle.loads(pickle.dumps(tok))  # spawned data-loader workers get a copy
+    assert copy.chat_format.has_generation and copy.tokenize_messages(messages, gen) == (ids, mask)
     # the unmarked template (prefix diffs) and the Python format train the same tokens
     plain_folder, _ = qwen_checkpoint(tmp_path_factory, qwen_files[1],
                                       (TEMPLATES / "qwen2_5.jinja").read_text())

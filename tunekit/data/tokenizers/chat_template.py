@@ -197,6 +197,13 @@ class TemplateChatFormat(ChatFormat):
                                                         reverse=True)))
         names = jinja2.meta.find_undeclared_variables(self._compiled.environment.parse(template))
         object.__setattr__(self, "uses_tools", "tools" in names)
+        object.__setattr__(self, "_special_tokens", dict(special_tokens or {}))
+        object.__setattr__(self, "_template_kwargs", dict(template_kwargs or {}))
+
+    def __reduce__(self):
+        # Compiled templates do not pickle (spawned data-loader workers); rebuild from the text.
+        return (_rebuild, (self.source, self._special_tokens, self._template_kwargs, self._added,
+                           self.stop_strings, self.where))
 
     # -- rendering ------------------------------------------------------------------------------
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False,
@@ -328,6 +335,12 @@ class TemplateChatFormat(ChatFormat):
             "so rendering growing prefixes does not locate it. Use the Python chat format of "
             "this family (tokenizer.chat_format, e.g. mistral_v3, qwen3), or a template with "
             "{% generation %} ... {% endgeneration %} around each assistant turn")
+
+
+def _rebuild(source, special_tokens, template_kwargs, added, stop_strings, where):
+    return TemplateChatFormat(source, special_tokens=special_tokens,
+                              template_kwargs=template_kwargs, added_tokens=added,
+                              stop_strings=stop_strings, where=where)
 
 
 def _common_prefix(a: str, b: str) -> int:
