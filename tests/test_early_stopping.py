@@ -308,3 +308,33 @@ def test_a_watched_metric_without_its_dataset_stops_the_run_before_training(over
     with pytest.raises(ConfigError, match="keep_best.metric: val_loss is not evaluated by this run .*set val_dataset"):
         lora_recipe.main(overfit_cfg(overfit_data, out, "val_dataset=null", config="tiny/lora"))
     assert not (out / "logs").exists()
+
+
+def test_two_processes_stop_together_at_the_step_their_evaluations_decide(overfit_data, tmp_path):
+    """full_finetune_distributed on 2 CPU ranks (global batch 4 as above): every rank takes the
+    same keep_best / early_stopping decisions (a disagreement would leave one rank in a save's
+    collectives and the launch would hang or fail)."""
+    from native_crash import retry_after_native_crash
+    from test_recipes_distributed import launch, two_procs, wait
+
+    def run(attempt):
+        (ckpt, data), out = overfit_data, tmp_path / f"dist{attempt}"
+        args = [f"{k}={v}" for k, v in (  # overfit_cfg's values, with 2 examples per rank
+            ("output_dir", out), ("checkpoint_dir", ckpt), ("device", "cpu"), ("dtype", "fp32"),
+            ("dataset.source", data / "few.jsonl"), ("val_dataset.source", data / "conflict.jsonl"),
+            ("forget_dataset", "null"), ("batch_size", 2), ("max_steps", 30), ("epochs", 100), ("optimizer.lr", 3e-2),
+            ("eval_every_n_steps", 1), ("eval_max_batches", 2), ("save_every_n_steps", 100), ("keep_last_n", 1),
+            ("keep_best.metric", "val_loss"), ("early_stopping.metric", "val_loss"), ("early_stopping.patience", 2),
+            ("log_every_n_steps", 1), ("lr_scheduler.num_warmup_steps", 1), ("metric_logging.tensorboard", "false"),
+            ("metric_logging.progress_bar", "false"))]
+        log_path = tmp_path / f"dist{attempt}.log"
+        wait([(launch(two_procs(), "full_finetune_distributed", "tiny/full", args, log_path), log_path)])
+        return out, log_path
+
+    out, log_path = retry_after_native_crash(run)
+    rows = read_metrics(out)
+    best_step, stop_step = expected_decisions(rows, patience=2)
+    assert stop_step is not None and rows[-1]["step"] == stop_step < 30
+    assert step_folders(out) == [f"step_{best_step}", f"step_{stop_step}"]
+    assert os.readlink(out / "best") == f"step_{best_step}"
+    assert log_path.read_text().count(f"early stopping at step {stop_step}") == 1  # rank 0 says it, once
