@@ -29,7 +29,7 @@ def tunekit_subprocess(*argv: str, env=None) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if k != "TUNEKIT_DEBUG"}, "OMP_NUM_THREADS": "1",
            **(env or {})}
     return subprocess.run([sys.executable, "-m", "tunekit.cli.main", *map(str, argv)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """``tunekit data check <config.yaml | files...>``: a short report on training data.
 
 With data files: ``tunekit data check train.jsonl --eval eval.jsonl [--format sharegpt]
-[--tokenizer CHECKPOINT_DIR] [--max-seq-len 2048]``. With a config, the ``dataset`` node gives the
-source, format, column_map and max_seq_len, ``eval_dataset`` (or a ``{train, validation}`` source)
-the eval files, and the ``tokenizer`` node the tokenizer.
+[--tokenizer CHECKPOINT_DIR] [--max-seq-len 2048]``. With a config (a .yaml file or a built-in name
+such as ``tiny/lora``; never taken for a hub dataset), the ``dataset`` node gives the source,
+format, column_map and max_seq_len, the ``tokenizer`` node the tokenizer, and every evaluation set
+the recipes read (``val_dataset``, ``forget_dataset``, ``eval_dataset``, a ``{train, validation}``
+source) is checked for contamination in its own format.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = data_sub.add_parser("check", help="counts, length histogram, duplicates, eval contamination",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="a config .yaml or data files/directories")
-    p.add_argument("--eval", nargs="+", default=None, help="eval files checked for contamination")
+    p.add_argument("--eval", nargs="+", default=None,
+                   help="eval files checked for contamination (instead of a config's evaluation sets)")
     p.add_argument("--format", default=None,
                    help="auto, alpaca, input_output, sharegpt, openai, preference, kto or text (default: auto)")
     p.add_argument("--column-map", nargs="*", default=[], metavar="EXPECTED=ACTUAL",
@@ -38,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-split", default=None, choices=("file", "paragraph"),
                    help=".txt files: one document per file or per blank-line separated block")
     p.add_argument("--near-dup-threshold", type=float, default=0.8)
+    p.add_argument("--max-leaders", type=int, default=8,
+                   help="near duplicates: leaders each LSH bucket compares its rows with (bounds the work)")
     p.set_defaults(func=run)
     return p
 
@@ -52,28 +57,35 @@ def _config_settings(path: Path) -> dict:
     if "dataset" not in cfg:
         raise UsageError(f"{path}: no 'dataset' key; pass data files instead")
     ds = cfg.dataset
-    builder = str(ds.get("_component_", "")).rsplit(".", 1)[-1]
+
     def resolved(key: str):
         """The value at ``key``, interpolations resolved, as plain Python (None when absent)."""
         value = OmegaConf.select(cfg, key)  # a string, or a list / {train, validation} node
         return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
+    def data_settings(node) -> dict:
+        """format (the node's, else its builder's), column_map and text_split of a dataset node."""
+        builder = str(node.get("_component_", "")).rsplit(".", 1)[-1]
+        return {"format": node.get("format") or _BUILDER_FORMATS.get(builder, "auto"),
+                "column_map": OmegaConf.to_container(node.column_map) if node.get("column_map") else None,
+                "text_split": node.get("text_split") or "file"}
+
     source = resolved("dataset.source")
     if source is None:
         raise UsageError(f"{path}: dataset.source is missing")
-    settings = {
-        "train": source, "eval": None,
-        "format": ds.get("format") or _BUILDER_FORMATS.get(builder, "auto"),
-        "column_map": OmegaConf.to_container(ds.column_map) if ds.get("column_map") else None,
-        "max_seq_len": ds.get("max_seq_len"), "text_split": ds.get("text_split") or "file",
-        "tokenizer": None,
-    }
+    settings = {"train": source, "evals": {}, "label": f"{path}: dataset.source",
+                "max_seq_len": ds.get("max_seq_len"), "tokenizer": None, **data_settings(ds)}
     if isinstance(source, dict):
-        settings["train"], settings["eval"] = source.get("train"), source.get("validation")
-    for name in ("val_dataset", "eval_dataset"):  # the recipes' key; eval_dataset as other tools name it
+        settings["train"] = source.get("train")
+        if source.get("validation") is not None:
+            settings["evals"]["validation"] = {"source": source["validation"],
+                                               "label": f"{path}: dataset.source.validation"}
+    # The recipes' evaluation sets (and eval_dataset, as other tools name it), each in its own format.
+    for name in ("val_dataset", "forget_dataset", "eval_dataset"):
         eval_source = resolved(f"{name}.source")
         if eval_source is not None:
-            settings["eval"] = eval_source
+            settings["evals"][name] = {"source": eval_source, "label": f"{path}: {name}.source",
+                                       **data_settings(cfg[name])}
     if cfg.get("tokenizer"):
         try:
             if cfg.get("checkpoint_dir"):  # a training run's folder stands for its newest step_<N>/, as in the recipes
@@ -96,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     if len(args.inputs) == 1 and _is_config(args.inputs[0]):
         settings = _config_settings(find_config(args.inputs[0]))
     else:
-        settings = {"train": args.inputs, "eval": None, "format": "auto", "column_map": None,
+        settings = {"train": args.inputs, "evals": {}, "label": None, "format": "auto", "column_map": None,
                     "max_seq_len": None, "text_split": "file", "tokenizer": None}
     if args.eval:
-        settings["eval"] = args.eval
+        settings["evals"] = {"eval": {"source": args.eval}}
     if args.format:
         settings["format"] = args.format
     if args.column_map:
@@ -115,10 +127,11 @@ def run(args: argparse.Namespace) -> int:
         from tunekit.data.tokenizers import from_hf
 
         settings["tokenizer"] = from_hf(args.tokenizer)
-    report = check_data(settings["train"], settings["eval"], tokenizer=settings["tokenizer"],
+    report = check_data(settings["train"], evals=settings["evals"], tokenizer=settings["tokenizer"],
                         format=settings["format"], column_map=settings["column_map"],
                         max_seq_len=settings["max_seq_len"], text_split=settings["text_split"],
-                        near_dup_threshold=args.near_dup_threshold)
+                        near_dup_threshold=args.near_dup_threshold, label=settings["label"],
+                        max_leaders=args.max_leaders)
     print(format_report(report))
     return 1 if report.bad_rows else 0
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tunekit.config.errors import MissingPackageError
+from tunekit.config.errors import MissingPackageError, UserError
 from tunekit.data.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".parquet")
@@ -346,4 +346,9 @@ def load_rows(source: str | os.PathLike | Sequence | Mapping, *, text_split: str
     if path.suffix.lower() in LOCAL_SUFFIXES or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise DataError("file not found", where=text)
     datasets = _require_datasets(f"{str(source)!r} is not a local file; loading it from the Hugging Face hub")
-    return HFRows(datasets.load_dataset(str(source), split=hf_split, **hf_kwargs), str(source))
+    try:
+        return HFRows(datasets.load_dataset(str(source), split=hf_split, **hf_kwargs), str(source))
+    except (ConnectionError, FileNotFoundError) as e:  # hub unreachable / offline, or no such dataset
+        raise UserError(f"{str(source)!r} is not a local file and could not be loaded from the Hugging Face "
+                        f"hub ({e}); check the name and the network (HF_HUB_OFFLINE, HF_TOKEN), or point "
+                        "source at downloaded files") from None
