@@ -173,7 +173,7 @@ def recipe_overrides(args: argparse.Namespace, kind: str, checkpoint_dir: Path, 
         f"activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"compile={str(args.compile).lower()}", f"eval_every_n_steps={never}", f"save_every_n_steps={never}",
         "activation_offloading=false", "keep_last_n=1", "log_every_n_steps=1", "metric_logging.tensorboard=false",
-        "metric_logging.progress_bar=false", "metric_logging.stdout=true",
+        "metric_logging.progress_bar=false",  # stdout and metrics.jsonl (read for step times) stay on
     ]
     if is_dpo(args.recipe):
         overrides += ["loss.loss_type=sigmoid", "loss.beta=0.1", "loss.label_smoothing=0.0",

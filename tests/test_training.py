@@ -20,6 +20,7 @@ from tunekit.training.interrupt import stop_on_interrupt
 from tunekit.losses.cross_entropy import chunked_cross_entropy, count_label_tokens, linear_cross_entropy
 from tunekit.training.lr_schedules import constant_with_warmup, cosine_with_warmup
 from tunekit.training.metric_logging import MetricLogger, peak_memory_gib
+from tunekit.training.metric_sinks import JsonlSink, ProgressBarSink, StdoutSink, TensorBoardSink
 from tunekit.training.rng import get_rng_state, set_rng_state, set_seed
 from tunekit.training.sampler import ResumableSampler
 from tunekit.checkpoint.step_folders import find_latest_checkpoint, list_checkpoints, load_recipe_state, save_recipe_state
@@ -252,7 +253,8 @@ def test_stop_on_interrupt_sets_flag_then_second_aborts(first, second, abort):
 
 
 def test_metric_logger_writes_jsonl_tensorboard_and_stdout(tmp_path, capsys):
-    with MetricLogger(tmp_path, total_steps=3, log_every=2, progress_bar=True) as logger:
+    sinks = [StdoutSink(), JsonlSink(), TensorBoardSink(), ProgressBarSink()]
+    with MetricLogger(tmp_path, sinks, total_steps=3, log_every=2) as logger:
         for step in (1, 2, 3):
             logger.log(step, {"loss": 1.0 / step, "lr": torch.tensor(0.5), "tokens_per_second": 100.0,
                               "peak_memory_gib": peak_memory_gib(torch.device("cpu"))})
@@ -263,7 +265,7 @@ def test_metric_logger_writes_jsonl_tensorboard_and_stdout(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step=2" in out and "step=1 " not in out
     # a run resumed from step 2 replaces what the interrupted run logged after it
-    with MetricLogger(tmp_path, total_steps=4, initial_step=2, tensorboard=False, progress_bar=False) as logger:
+    with MetricLogger(tmp_path, [JsonlSink()], total_steps=4, initial_step=2) as logger:
         logger.log(3, {"loss": 9.0})
     rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 9.0)]

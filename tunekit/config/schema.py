@@ -170,6 +170,35 @@ class Component(Spec):
 
 
 @dataclass(frozen=True)
+class Components(Spec):
+    """Several ``_component_`` nodes: a mapping of names to them, where a null or false entry is
+    off (``metric_logging.tensorboard=false`` on the command line), or a plain list of them. Each
+    node's arguments are checked against its callable by ``validate``."""
+
+    def describe(self) -> str:
+        return f"a mapping of names to mappings with {_COMPONENT} (null or false: off), or a list of them"
+
+    def _type_ok(self, value: Any) -> bool:
+        return isinstance(value, (list, tuple, ListConfig)) or (
+            isinstance(value, (DictConfig, Mapping)) and _COMPONENT not in value)
+
+    def problems(self, value: Any, key: str) -> list[str]:
+        found = super().problems(value, key)
+        if found or value is None:
+            return found
+        named = not isinstance(value, (list, tuple, ListConfig))
+        for k in (value.keys() if named else range(len(value))):
+            item, problem = _get(value, k)
+            if problem is not None:
+                if "???" not in problem:
+                    found.append(f"{key}.{k}: {problem}")
+            elif not Component()._type_ok(item) and not (named and (item is None or item is False)):
+                off = " (or null / false to switch it off)" if named else ""
+                found.append(f"{key}.{k}: expected a mapping with {_COMPONENT}{off}, got {_show(item)}")
+        return found
+
+
+@dataclass(frozen=True)
 class Section(Spec):
     """A plain mapping of keys (no ``_component_``), each with its own spec. ``note`` says who
     reads the section when it is not obvious (shown in problems about it)."""

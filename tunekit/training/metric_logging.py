@@ -1,19 +1,27 @@
-"""Training metrics: one stdout line, ``<output_dir>/logs/metrics.jsonl``, TensorBoard and a tqdm
-progress bar, all fed by one ``MetricLogger.log(step, metrics)`` call per optimizer step."""
+"""Training metrics: ``MetricLogger.log(step, metrics)``, once per optimizer step, feeds every sink
+of the config's ``metric_logging`` (stdout, ``logs/metrics.jsonl``, TensorBoard, a progress bar,
+W&B, MLflow: tunekit.training.metric_sinks); the logger also writes the run's ``config.yaml``
+(tunekit.training.run_record). Peak-memory numbers for the rows."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import resource
 import sys
-import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig
 
+from tunekit.config.instantiate import instantiate
+from tunekit.training.metric_sinks import RunInfo
 from tunekit.training.process_group import is_rank_zero
+from tunekit.training.run_record import (
+    library_versions,
+    resolved_config,
+    write_run_config,
+)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -31,92 +39,73 @@ def peak_memory_gib(device: torch.device) -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-    return str(value)
-
-
-def _drop_rows_after(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
-
-
 class MetricLogger:
-    """Writes each step's metrics to every enabled sink.
+    """Feeds one row of metrics per optimizer step to every sink of the config's ``metric_logging``
+    (tunekit.training.metric_sinks: stdout, jsonl, TensorBoard, progress bar, W&B, MLflow).
 
     Args:
-        output_dir: run folder; ``logs/metrics.jsonl`` and ``logs/tensorboard/`` go below it.
+        output_dir: run folder; the sinks write below ``output_dir/logs``.
+        sinks: ``cfg.metric_logging``: a mapping of names to ``_component_`` nodes (a null or
+            false entry is off) or a list of them; built sink objects are taken as they are.
+        config: the run's config; written to ``output_dir/config.yaml`` with the library versions
+            (tunekit.training.run_record) before the sinks open, and handed to them (W&B, MLflow).
         total_steps: optimizer steps of the whole run (progress bar length and ETA).
-        initial_step: step to start the progress bar at (the resume step).
-        log_every: print a stdout line every this many steps (the jsonl gets every step).
-        stdout / tensorboard / progress_bar: enable each sink.
-    A resumed run continues the same files: rows of steps after ``initial_step`` (logged by the
-    interrupted run after its last checkpoint) are dropped from the jsonl and purged from
-    TensorBoard, so each holds one curve.
+        initial_step: the step the run starts at (the resume step; 0 for a fresh run).
+        log_every: ``log_every_n_steps`` (the stdout line; the other sinks get every step).
     """
 
-    def __init__(self, output_dir: str | Path, *, total_steps: int, initial_step: int = 0, log_every: int = 1,
-                 stdout: bool = True, tensorboard: bool = True, progress_bar: bool = True):
-        log_dir = Path(output_dir) / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        _drop_rows_after(log_dir / "metrics.jsonl", initial_step)
-        self._jsonl = open(log_dir / "metrics.jsonl", "a")
-        self._log_every, self._stdout = log_every, stdout
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, output_dir: str | Path, sinks: Any, *, config: Any = None, total_steps: int,
+                 initial_step: int = 0, log_every: int = 1):
+        built = [_build(sink) for sink in _entries(sinks)]  # a missing package fails before any file is written
+        output_dir = Path(output_dir)
+        resolved = None
+        if config is not None:
+            write_run_config(output_dir, config, step=initial_step)
+            resolved = resolved_config(config)
+        run = RunInfo(output_dir, total_steps=total_steps, initial_step=initial_step, log_every=log_every,
+                      config=resolved, versions=library_versions())
+        self._sinks = []
+        try:
+            for sink in built:
+                sink.open(run)
+                self._sinks.append(sink)
+        except BaseException:
+            self.close()
+            raise
 
-            self._tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"),
-                                     purge_step=initial_step + 1 if initial_step else None)
-        self._bar = None
-        if progress_bar:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit="step",
-                             file=sys.stderr)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record ``metrics`` (plain numbers) for optimizer step ``step``. The jsonl row also gets
-        ``time`` (Unix seconds when logged): differences between rows are wall-clock step times,
-        data loading and evaluation included (benchmarks/bench_train.py reads them)."""
-        record = {"step": step, **{k: (float(v) if isinstance(v, (float, torch.Tensor)) else v)
-                                   for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-        if self._bar is not None:
-            self._bar.update(step - self._bar.n)
-            shown = {k: _fmt(record[k]) for k in ("loss", "tokens_per_second", "val_loss") if k in record}
-            self._bar.set_postfix(shown, refresh=False)
-        if self._stdout and step % self._log_every == 0:
-            line = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
-            if self._bar is not None:
-                self._bar.write(line, file=sys.stdout)
-            else:
-                print(line, flush=True)
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record ``metrics`` (numbers or one-element tensors) for optimizer step ``step``."""
+        row = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        row = {k: (float(v) if isinstance(v, float) else v) for k, v in row.items()}
+        for sink in self._sinks:
+            sink.log(step, row)
 
     def close(self) -> None:
-        self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._bar is not None:
-            self._bar.close()
+        for sink in reversed(self._sinks):
+            sink.close()
+        self._sinks = []
 
-    def __enter__(self) -> MetricLogger:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _entries(sinks: Any) -> list:
+    if sinks is None:
+        return []
+    if isinstance(sinks, (DictConfig, Mapping)) and "_component_" not in sinks:
+        return [s for s in sinks.values() if s is not None and s is not False]
+    if isinstance(sinks, (ListConfig, list, tuple)):
+        return list(sinks)
+    return [sinks]
+
+
+def _build(sink: Any):
+    if isinstance(sink, (DictConfig, Mapping)):
+        return instantiate(sink)
+    return sink
 
 
 class _SilentMetricLogger:
@@ -130,10 +119,10 @@ class _SilentMetricLogger:
         pass
 
 
-def rank_zero_metric_logger(output_dir, **kwargs):
-    """``tunekit.training.metric_logging.MetricLogger(output_dir, **kwargs)`` on rank 0 and a
-    logger that records nothing on the other ranks (the metrics the recipes log are already
-    global), so one process writes ``logs/``."""
+def rank_zero_metric_logger(output_dir, sinks, **kwargs):
+    """``MetricLogger(output_dir, sinks, **kwargs)`` on rank 0 and a logger that records nothing on
+    the other ranks (the metrics the recipes log are already global), so one process writes
+    ``logs/``, ``config.yaml`` and the W&B / MLflow run."""
     if not is_rank_zero():
         return _SilentMetricLogger()
-    return MetricLogger(output_dir, **kwargs)
+    return MetricLogger(output_dir, sinks, **kwargs)

@@ -5,7 +5,7 @@ docs/recipes.md explains every key."""
 
 from __future__ import annotations
 
-from tunekit.config.schema import Bool, Component, Float, Int, List, Section, Str
+from tunekit.config.schema import Bool, Component, Components, Float, Int, List, Section, Str
 from tunekit.losses.preference import F_DIVERGENCE_TYPES
 from tunekit.training.device import device_problem
 from tunekit.training.early_stopping import MODES
@@ -55,7 +55,7 @@ TRAINING_LOOP_KEYS = {
     "early_stopping": Section({"metric": Str(nullable=True), "patience": Int(min=1), "min_delta": Float(min=0),
                                "mode": Str(choices=MODES)}),
     "log_every_n_steps": Int(min=1),
-    "metric_logging": Section({"stdout": Bool(), "tensorboard": Bool(), "progress_bar": Bool()}),
+    "metric_logging": Components(),  # sinks: tunekit.training.metric_sinks
 }
 
 LORA = Section({
