@@ -45,6 +45,15 @@ class TaskResult:
     predictions: list[dict[str, Any]]
 
 
+class EvalTask:
+    """A task built with its tokenizer: ``name`` (metric prefix) and ``evaluate(model, device=)``."""
+
+    name: str
+
+    def evaluate(self, model: nn.Module, *, device: torch.device | str | None = None) -> TaskResult:
+        raise NotImplementedError
+
+
 def _render(template: str, row: dict, where: str) -> str:
     try:
         return template.format(**row)
@@ -72,7 +81,7 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first of equals, as np.argmax
 
 
-class MultipleChoiceTask:
+class MultipleChoiceTask(EvalTask):
     """Rows as ``(context, choices, gold index)``; see :func:`multiple_choice_task`."""
 
     def __init__(self, tokenizer, docs: list[tuple[str, list[str], int]], *, name: str,
@@ -161,7 +170,7 @@ def normalize_answer(text: str, *, regexes_to_ignore: Sequence[str] = (), ignore
     return text
 
 
-class GenerationTask:
+class GenerationTask(EvalTask):
     """Prompts and references; see :func:`generation_task`."""
 
     def __init__(self, tokenizer, prompts: list[list[int]], references: list[str], *, name: str,

@@ -30,6 +30,8 @@ MODEL_AND_DATA_KEYS = {
     "dataset": Component(),
     "val_dataset": Component(nullable=True),
     "forget_dataset": Component(nullable=True),
+    # benchmark-style tasks run at every evaluation (tunekit.evaluation; docs/evaluation.md), null: none
+    "eval_tasks": List(Component(), min_len=0, nullable=True),
     "shuffle": Bool(),
     "num_workers": Int(min=0),
 }
