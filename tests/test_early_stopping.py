@@ -338,3 +338,21 @@ def test_two_processes_stop_together_at_the_step_their_evaluations_decide(overfi
     assert step_folders(out) == [f"step_{best_step}", f"step_{stop_step}"]
     assert os.readlink(out / "best") == f"step_{best_step}"
     assert log_path.read_text().count(f"early stopping at step {stop_step}") == 1  # rank 0 says it, once
+
+
+def test_the_preference_recipe_keeps_the_step_of_best_eval_accuracy(tiny_run, tmp_path):  # noqa: F811
+    """lora_dpo_single_device with ``keep_best: {metric: eval_rewards/accuracies, mode: max}``: the
+    first step reaching the highest held-out accuracy is kept past keep_last_n=1; ``eval_loss``
+    without a ``val_dataset`` is a config error at start-up."""
+    from test_recipes_preference import dpo_recipe
+    from test_recipes_preference import make_cfg as dpo_cfg
+
+    out = tmp_path / "run"
+    dpo_recipe.main(dpo_cfg(tiny_run, out, "max_steps=4", "epochs=2", "eval_every_n_steps=1", "keep_last_n=1",
+                            "keep_best.metric=eval_rewards/accuracies", "keep_best.mode=max"))
+    evaluated = [(r["step"], r["eval_rewards/accuracies"]) for r in read_metrics(out)]
+    best_step = max(evaluated, key=lambda sv: (sv[1], -sv[0]))[0]
+    assert step_folders(out) == sorted({f"step_{best_step}", "step_4"})
+    assert os.readlink(out / "best") == f"step_{best_step}"
+    with pytest.raises(ConfigError, match="keep_best.metric: eval_loss is not evaluated by this run .*val_dataset"):
+        dpo_recipe.main(dpo_cfg(tiny_run, tmp_path / "b", "val_dataset=null", "keep_best.metric=eval_loss"))
