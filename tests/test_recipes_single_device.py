@@ -11,6 +11,7 @@ import signal
 
 import pytest
 import torch
+import yaml
 
 import tunekit.config
 from tunekit.config.resolvers import asset_path
@@ -192,6 +193,10 @@ def test_sigterm_saves_and_the_run_resumes(tiny_run, tmp_path, monkeypatch):
     full_recipe.main(make_cfg("tiny/full", tiny_run, out, "max_steps=5", "save_every_n_steps=100", "eval_every_n_steps=100",
                               "resume=true"))
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+    # the run record: the first start's resolved config stays; the resume changed only resume=true
+    assert [p.name for p in out.glob("config*.yaml")] == ["config.yaml"]
+    assert f"torch {torch.__version__}" in (out / "config.yaml").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["resume"] is False
 
 
 def test_crash_inside_save_keeps_previous_checkpoint(tiny_run, tmp_path, monkeypatch):
@@ -255,6 +260,8 @@ def test_shipped_tiny_config_runs_as_is(tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and "val_loss" in rows[1] and "forget_loss" in rows[1]
     assert any((tmp_path / "logs" / "tensorboard").iterdir())
+    record = yaml.safe_load((tmp_path / "config.yaml").read_text())  # resolved, overrides applied
+    assert record["max_steps"] == 2 and record["output_dir"] == str(tmp_path) and "${" not in str(record)
 
 
 def test_full_finetune_bf16_resume_is_exact(tiny_run, tmp_path, monkeypatch):
