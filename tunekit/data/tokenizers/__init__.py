@@ -13,7 +13,11 @@ from tunekit.data.tokenizers.chat_formats import (
 )
 from tunekit.data.tokenizers.chat_template import TemplateChatFormat
 from tunekit.data.tokenizers.hf_checkpoint import from_hf
-from tunekit.data.tokenizers.hf_json import HFTokenizersBPE, load_tokenizer_json
+from tunekit.data.tokenizers.hf_json import (
+    HFTokenizersBPE,
+    MergeRankBPE,
+    load_tokenizer_json,
+)
 from tunekit.data.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
 from tunekit.data.tokenizers.tiktoken_tokenizer import (
     LLAMA3_PATTERN,
@@ -24,7 +28,8 @@ from tunekit.data.tokenizers.tiktoken_tokenizer import (
 )
 
 __all__ = [
-    "BaseTokenizer", "CHAT_FORMATS", "ChatFormat", "HFTokenizersBPE", "LLAMA3_PATTERN", "Message",
+    "BaseTokenizer", "CHAT_FORMATS", "ChatFormat", "HFTokenizersBPE", "LLAMA3_PATTERN", "MergeRankBPE",
+    "Message",
     "SentencePieceTokenizer", "TemplateChatFormat", "TiktokenTokenizer", "from_hf", "get_chat_format",
     "guess_chat_format", "llama3_special_tokens", "llama3_tokenizer", "load_tiktoken_ranks",
     "load_tokenizer_json",
