@@ -8,7 +8,9 @@ folder (ignored and later removed), never a half ``step_<N>``, and the previous 
 checkpoint stays as it was. ``recipe_state/state.pt`` holds what resume needs besides the
 weights (optimizer, lr scheduler, RNG, sampler position, step, epoch) as tensors and primitive
 containers only, loaded back with ``torch.load(weights_only=True)`` (the distributed recipes put
-DCP shards there instead: ``tunekit.training.resume.save_sharded_training_state``).
+DCP shards there instead: ``tunekit.training.resume.save_sharded_training_state``). With
+``keep_best`` the best evaluated step folder is exempt from ``keep_last_n`` and named by
+``<output_dir>/best`` (a relative symlink) and ``<output_dir>/best.json`` (:func:`link_best`).
 """
 
 from __future__ import annotations
