@@ -239,13 +239,15 @@ def test_training_recipe_logs_eval_tasks_equal_to_the_saved_model(checkpoint, tm
         f"dataset.source={train}", "val_dataset=null", "forget_dataset=null", "batch_size=4", "max_steps=2",
         "eval_every_n_steps=1", "save_every_n_steps=100", "log_every_n_steps=1", "optimizer.lr=5e-2",
         "lr_scheduler.num_warmup_steps=0", "metric_logging.tensorboard=false", "metric_logging.progress_bar=false",
-        f"eval_tasks=[{{_component_: tunekit.evaluation.multiple_choice_task, source: {mc}, name: probe}}]"])
+        f"eval_tasks=[{{_component_: tunekit.evaluation.multiple_choice_task, source: {mc}, name: probe}}]",
+        "keep_best.metric=eval/probe/acc", "keep_best.mode=max"])  # a task metric can be watched
     load_recipe("lora_finetune_single_device").main(cfg)
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("eval/probe/acc" in r and "eval/probe/acc_norm" in r for r in rows)
     again = multiple_choice_task(tokenizer_from_hf(checkpoint), str(mc), name="probe").evaluate(from_hf(out / "step_2"))
     assert rows[-1]["eval/probe/acc"] == again.metrics["acc"]
     assert rows[-1]["eval/probe/acc_norm"] == again.metrics["acc_norm"]
+    assert json.loads((out / "best.json").read_text())["metric"] == "eval/probe/acc"
 
 
 # -- lm-evaluation-harness itself (optional: pip install lm-eval) ---------------------------------------

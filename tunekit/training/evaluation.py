@@ -20,15 +20,16 @@ def build_eval_loaders(datasets: dict, tokenizer, *, batch_size: int, num_worker
                        tasks: Sequence | None = None) -> dict[str, DataLoader | EvalTask]:
     """``{"val_loss": cfg.val_dataset, ...}`` -> a loader per metric name; null datasets are skipped.
     ``tasks`` (``cfg.eval_tasks``: task components, e.g. ``tunekit.evaluation.multiple_choice_task``)
-    are built with the tokenizer and added under ``eval/<task name>``."""
+    are built with the tokenizer and added under ``eval/<task name>/*``: the pattern of the metric
+    names they produce (``eval/<task name>/acc``, ...), as ``ValidationWatch(evaluated=)`` takes them."""
     loaders: dict[str, DataLoader | EvalTask] = {
         name: eval_loader(instantiate(node, tokenizer), batch_size=batch_size, num_workers=num_workers)
         for name, node in datasets.items() if node is not None}
     for i, node in enumerate(tasks or ()):
         task = instantiate(node, tokenizer)
-        if f"eval/{task.name}" in loaders:
+        if f"eval/{task.name}/*" in loaders:
             raise ConfigError(f"eval_tasks.{i}: a second task named {task.name!r}; give it another name= ")
-        loaders[f"eval/{task.name}"] = task
+        loaders[f"eval/{task.name}/*"] = task
     return loaders
 
 
@@ -41,7 +42,7 @@ def evaluate_all(model: nn.Module, loaders: dict[str, DataLoader | EvalTask], *,
     metrics = {}
     for name, item in loaders.items():
         if isinstance(item, EvalTask):
-            metrics.update({f"{name}/{k}": v for k, v in item.evaluate(model, device=device).metrics.items()})
+            metrics.update({f"eval/{item.name}/{k}": v for k, v in item.evaluate(model, device=device).metrics.items()})
         else:
             metrics[name] = evaluate_loss(model, item, device=device, max_batches=max_batches)
     return metrics
