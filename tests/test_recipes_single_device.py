@@ -217,7 +217,7 @@ def test_crash_inside_save_keeps_previous_checkpoint(tiny_run, tmp_path, monkeyp
     monkeypatch.setattr(checkpoint_files, "save_peft_adapter", save_adapter_then_crash)
     with pytest.raises(OSError, match="simulated crash"):
         lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, "max_steps=4", "save_every_n_steps=2"))
-    assert sorted(p.name for p in out.iterdir()) == ["logs", "step_2"]  # no half step_4, no tmp folder
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "logs", "step_2"]  # no half step_4, no tmp folder
     AutoModelForCausalLM.from_pretrained(out / "step_2")
     monkeypatch.undo()
     lora_recipe.main(make_cfg("tiny/lora", tiny_run, out, "max_steps=4", "save_every_n_steps=2", "resume=true"))
