@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import sys
 import unicodedata
 
@@ -235,3 +236,94 @@ def test_hf_bpe_is_lowest_rank_leftmost():
     assert hf_bpe([0, 1, 2], merges) == [0, 12]  # (1, 2) has rank 2 < (0, 1)'s 3
     assert hf_bpe([2, 1], merges) == [2, 1]
     assert hf_bpe([], merges) == []
+
+
+# -- which BOS / EOS encode() adds, as transformers 5 decides, and every shipped family ----------
+
+def llama3_style_folder(folder):
+    """Llama 3 HF layout: HF's tiktoken conversion (several merges per token, ignore_merges) with
+    a Sequence(ByteLevel, TemplateProcessing) post-processor that adds <|begin_of_text|>."""
+    from test_tokenizers import hf_from_ranks, train_bytelevel_bpe, write_ranks
+    from tokenizers import processors
+
+    from tunekit.data.tokenizers import LLAMA3_PATTERN, llama3_special_tokens
+
+    write_ranks(train_bytelevel_bpe(LLAMA3_PATTERN, []), folder / "ranks.tiktoken")
+    n = len((folder / "ranks.tiktoken").read_text().splitlines())
+    tok = hf_from_ranks(folder / "ranks.tiktoken", LLAMA3_PATTERN, list(llama3_special_tokens(n)))
+    (folder / "ranks.tiktoken").unlink()
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, tok.token_to_id(bos))])])
+    tok.save(str(folder / "tokenizer.json"))
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
+            "eos_token": "<|eot_id|>"}
+
+
+def qwen_style_folder(folder):
+    qwen_style().save(str(folder / "tokenizer.json"))
+    return {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>"}
+
+
+def gpt2_style_folder(folder):
+    gpt2_style().save(str(folder / "tokenizer.json"))
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>"}
+
+
+def sentencepiece_folder(folder):
+    from test_tokenizers import train_sentencepiece
+
+    train_sentencepiece(folder, dummy_prefix=True)
+    return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "legacy": False}
+
+
+def sentencepiece_with_tokenizer_json_folder(folder):
+    """Llama 2 / Mistral HF layout: tokenizer.model plus the tokenizer.json transformers writes
+    (its post-processor adds <s>; transformers then ignores add_bos_token / add_eos_token)."""
+    from transformers import AutoTokenizer
+
+    config = sentencepiece_folder(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer.model").is_file()
+    return config
+
+
+FAMILIES = {"llama3": llama3_style_folder, "qwen2.5/qwen3": qwen_style_folder,
+            "gpt2": gpt2_style_folder, "tiny (tokenizer.model only)": sentencepiece_folder,
+            "llama2/mistral": sentencepiece_with_tokenizer_json_folder}
+FLAGS = [{}, {"add_bos_token": True}, {"add_bos_token": False}, {"add_eos_token": True},
+         {"add_bos_token": True, "add_eos_token": True}]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(re.sub(r"\W", "_", request.param))
+    return folder, FAMILIES[request.param](folder)
+
+
+def test_every_shipped_family_loads_without_tokenizers_and_adds_bos_eos_like_transformers(
+        family, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tunekit.data.tokenizers import from_hf
+
+    folder, config = family
+    texts = ["hi", "Hello world! 123", "<|im_start|>x 日本 👍🏽", ""]
+    for flags in FLAGS:
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **flags}))
+        hf = AutoTokenizer.from_pretrained(folder)
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "tokenizers", None)
+            tok = from_hf(folder, chat_format=None)
+        assert not isinstance(tok, MergeRankBPE)  # every family runs on tiktoken/sentencepiece
+        for text in texts:
+            assert tok.encode(text) == hf(text).input_ids, (flags, text)
+            plain = hf(text, add_special_tokens=False).input_ids
+            assert tok.encode(text, add_bos=False, add_eos=False) == plain
+            assert tok.encode(text, add_bos=False, add_eos=True) == plain + [tok.eos_id]

@@ -206,7 +206,7 @@ def test_tokenizer_json_uses_tiktoken_when_rank_consistent(qwen_json):
     path, hf = qwen_json
     tok = load_tokenizer_json(path, bos_token=None, eos_token="<|im_end|>")
     assert isinstance(tok, TiktokenTokenizer)
-    assert tok.bos_id is None and tok.encode("a")[-1] == tok.eos_id
+    assert tok.bos_id is None and tok.encode("a", add_eos=True)[-1] == tok.eos_id
     check_parity(tok, lambda s: hf_ids(hf, s), CORPUS + ["x<tool_call>\n{}"],
                  normalize=lambda s: unicodedata.normalize("NFC", s))
     # non-special added tokens survive skip_special_tokens, special ones do not
@@ -329,7 +329,8 @@ def test_sentencepiece_llama_matches_transformers(llama_sp):
     hf = AutoTokenizer.from_pretrained(llama_sp)
     tok = SentencePieceTokenizer(llama_sp / "tokenizer.model", bos_token="<s>", eos_token="</s>")
     check_parity(tok, lambda s: hf(s, add_special_tokens=False).input_ids, SP_TEXTS)
-    assert tok.encode("hi") == hf("hi").input_ids + [tok.eos_id]
+    assert tok.encode("hi") == hf("hi").input_ids  # defaults add what HF adds: BOS, no EOS
+    assert tok.encode("hi", add_eos=True) == hf("hi").input_ids + [tok.eos_id]
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (hf.bos_token_id, hf.eos_token_id, len(hf))
     # as in HF, a leading space replaces the dummy prefix instead of adding to it
     assert tok.encode(" lead", False, False) == hf(" lead", add_special_tokens=False).input_ids

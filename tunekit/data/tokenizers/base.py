@@ -64,6 +64,10 @@ class BaseTokenizer:
     pad_id: int
     stop_tokens: list[int]
     vocab_size: int
+    # What HF's tokenizer(text) adds (tokenizer_config's add_bos_token / add_eos_token or the
+    # tokenizer.json post-processor; set by from_hf). Without BOS here, encode never adds one.
+    add_bos_token: bool = True
+    add_eos_token: bool = False
 
     def __init__(self, *, added_tokens: dict[str, int], special_ids: set[int],
                  bos_id: int | None, eos_id: int, pad_id: int, vocab_size: int,
@@ -126,15 +130,20 @@ class BaseTokenizer:
                 ids += self._encode_chunk(piece, k == 0)
         return ids
 
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
-        """``text`` -> token ids, with BOS first / EOS last when asked (BOS only if the model has
-        one)."""
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool | None = None) -> list[int]:
+        """``text`` -> token ids.
+
+        ``add_bos``: BOS first if this tokenizer adds one (``add_bos_token``: Llama, Mistral,
+        Gemma yes; Qwen has no BOS; GPT-2 style files do not add theirs); False: never.
+        ``add_eos``: True / False: EOS last or not (training documents end with it, prompts do
+        not); None: as ``add_eos_token``. The defaults give HF's ``tokenizer(text).input_ids``.
+        """
         if self._normalize is not None:
             text = self._normalize(text)
         ids = self._encode_normalized(text)
-        if add_bos and self.bos_id is not None:
+        if add_bos and self.add_bos_token and self.bos_id is not None:
             ids.insert(0, self.bos_id)
-        if add_eos:
+        if self.add_eos_token if add_eos is None else add_eos:
             ids.append(self.eos_id)
         return ids
 

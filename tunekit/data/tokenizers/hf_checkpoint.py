@@ -8,7 +8,8 @@ Which file is used:
 3. else a tiktoken file at ``original/tokenizer.model`` or ``tokenizer.model`` -> Llama 3.
 
 ``tokenizer_config.json`` supplies bos/eos/pad tokens, added tokens (``added_tokens_decoder``),
-``legacy`` (sentencepiece: dummy prefix after special tokens too); the checkpoint's chat template
+``legacy`` (sentencepiece: dummy prefix after special tokens too), ``add_bos_token`` /
+``add_eos_token`` (what ``encode`` adds by default, see ``_adds_bos_eos``); the checkpoint's chat template
 (``chat_template.jinja``, tokenizer_config.json's ``chat_template`` or ``chat_template.json``)
 gives the chat format (see ``tunekit.data.tokenizers.chat_template``).
 """
@@ -27,7 +28,7 @@ from tunekit.data.tokenizers.chat_template import (
     choose_chat_format,
     load_chat_template,
 )
-from tunekit.data.tokenizers.hf_json import load_tokenizer_json
+from tunekit.data.tokenizers.hf_json import load_tokenizer_json, post_processor_tokens
 from tunekit.data.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
 from tunekit.data.tokenizers.tiktoken_tokenizer import llama3_tokenizer
 
@@ -63,6 +64,28 @@ def _pick_file(folder: Path) -> tuple[str, Path]:
             return "tiktoken", path
     raise CheckpointError(f"{folder}: no tokenizer.model, tokenizer.json or original/tokenizer.model "
                           "found")
+
+
+def _adds_bos_eos(config: dict[str, Any], config_path: Path, folder: Path, kind: str,
+                  tok: BaseTokenizer) -> tuple[bool, bool]:
+    """Whether HF's ``tokenizer(text)`` adds BOS / EOS, decided as transformers 5 does: with a
+    tokenizer.json, its post-processor alone (transformers then drops tokenizer_config's
+    ``add_bos_token`` / ``add_eos_token``; Llama 2/3 and Mistral files add BOS, Qwen and GPT-2
+    nothing); without one, those two keys (missing: false; a bare Llama 3 tiktoken file: BOS)."""
+    if kind == "tokenizer.json":
+        return tok.add_bos_token, tok.add_eos_token  # load_tokenizer_json read the post-processor
+    if (folder / "tokenizer.json").is_file():
+        spec = read_json_file(folder / "tokenizer.json", "tokenizer.json")
+        before, after = post_processor_tokens(spec.get("post_processor"),
+                                              str(folder / "tokenizer.json"))
+        return bool(before), bool(after)
+    flags = []
+    for key, default in (("add_bos_token", kind == "tiktoken"), ("add_eos_token", False)):
+        value = config.get(key, default)
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{config_path}: key {key!r} must be true or false, got {value!r}")
+        flags.append(value)
+    return flags[0], flags[1]
 
 
 def from_hf(checkpoint_dir: str | Path, chat_format: str | None = "auto",
@@ -110,6 +133,7 @@ def from_hf(checkpoint_dir: str | Path, chat_format: str | None = "auto",
         names = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad))
                  if v is not None}
         tok = llama3_tokenizer(path, **names)
+    tok.add_bos_token, tok.add_eos_token = _adds_bos_eos(config, config_path, folder, kind, tok)
 
     tok.max_seq_len = max_seq_len
     special = {k: _token_str(config.get(k), config_path, k) for k in SPECIAL_TOKEN_NAMES}

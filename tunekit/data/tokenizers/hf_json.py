@@ -113,6 +113,32 @@ def _pattern(spec: dict | None, where: str) -> str:
     return GPT2_PATTERN
 
 
+def post_processor_tokens(spec: dict | None, where: str) -> tuple[list[str], list[str]]:
+    """The special tokens a ``post_processor`` puts before and after a single text, e.g.
+    ``(["<|begin_of_text|>"], [])`` for Llama 3's ``TemplateProcessing``."""
+    kind = None if spec is None else spec.get("type")
+    if kind in (None, "ByteLevel"):
+        return [], []
+    if kind == "Sequence":
+        before: list[str] = []
+        after: list[str] = []
+        for step in spec.get("processors", []):  # each step wraps the previous one's output
+            b, a = post_processor_tokens(step, where)
+            before, after = b + before, after + a
+        return before, after
+    if kind == "TemplateProcessing":
+        items = spec.get("single", [])
+        text_at = [k for k, item in enumerate(items) if "Sequence" in item]
+        if len(text_at) != 1 or any("SpecialToken" not in item for k, item in enumerate(items)
+                                    if k != text_at[0]):
+            raise CheckpointError(f"{where}: post_processor TemplateProcessing single={items!r} "
+                                  "is not special tokens around one text")
+        names = [item.get("SpecialToken", {}).get("id") for item in items]
+        return names[:text_at[0]], names[text_at[0] + 1:]
+    raise CheckpointError(f"{where}: post_processor {kind!r} is not supported (ByteLevel, "
+                          "TemplateProcessing or a Sequence of them)")
+
+
 def _bpe_model(model: dict, where: str) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]]]:
     """Byte vocabulary (token bytes -> id) and merges (as byte pairs) of an HF BPE model."""
     if model.get("type") != "BPE":
@@ -316,7 +342,8 @@ def load_tokenizer_json(path: str | Path, *, bos_token: str | None, eos_token: s
 
     ``bos_token`` / ``eos_token`` / ``pad_token`` are token strings (from
     ``tokenizer_config.json``); ``extra_added_tokens`` maps more token strings to
-    ``(id, special)``.
+    ``(id, special)``. ``add_bos_token`` / ``add_eos_token`` of the result say whether the
+    file's ``post_processor`` adds BOS / EOS (none when it is null).
     """
     path = Path(path)
     where = str(path)
@@ -362,6 +389,22 @@ def load_tokenizer_json(path: str | Path, *, bos_token: str | None, eos_token: s
               "bos_id": token_id(bos_token, "bos_token"), "eos_id": token_id(eos_token, "eos_token"),
               "chat_format": chat_format, "max_seq_len": max_seq_len, "normalize": normalize}
     pad_id = token_id(pad_token, "pad_token")
+    before, after = post_processor_tokens(spec.get("post_processor"), where)
+    for tokens, name, key in ((before, bos_token, "bos_token"), (after, eos_token, "eos_token")):
+        if tokens and tokens != [name]:
+            raise CheckpointError(f"{where}: the post_processor adds {tokens} where only the "
+                                  f"{key} ({name!r}) is supported")
+    tok = _bpe_tokenizer(path, ranks, merges, pattern, pad_id, spec["model"], added, kwargs)
+    tok.add_bos_token, tok.add_eos_token = bool(before), bool(after)
+    return tok
+
+
+def _bpe_tokenizer(path: Path, ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]],
+                   pattern: str, pad_id: int | None, model: dict, added: dict[str, int],
+                   kwargs: dict[str, Any]) -> BaseTokenizer:
+    """tiktoken when it provably gives HF's ids, else the exact rule (``tokenizers`` if
+    installed, else pure Python)."""
+    where = str(path)
     problem = _tiktoken_mismatch(ranks, merges, set(added.values()))
     if problem is None:
         return TiktokenTokenizer(ranks, pattern, pad_id=pad_id, name=f"hf:{where}", **kwargs)
@@ -371,7 +414,7 @@ def load_tokenizer_json(path: str | Path, *, bos_token: str | None, eos_token: s
         log.warning("%s: tiktoken may not reproduce these merges (%s); using the exact pure-Python "
                     "BPE (slower; pip install tokenizers makes it fast)", where, problem)
         return MergeRankBPE(ranks, pattern, merges, pad_id=pad_id, name=f"hf:{where}",
-                            ignore_merges=bool(spec["model"].get("ignore_merges")), **kwargs)
+                            ignore_merges=bool(model.get("ignore_merges")), **kwargs)
     log.warning("%s: tiktoken may not reproduce these merges (%s); using the tokenizers library "
                 "instead", where, problem)
     vocab_size = max(max(ranks.values()), max(added.values(), default=0)) + 1
