@@ -12,12 +12,16 @@ in fp32 (on fp32 copies of the weight, gradient and moments, chunk by chunk, wit
 functional AdamW) and writes the result back according to ``bf16_update``:
 
 ``stochastic_round`` (default)
-    Weight and both moments are rounded to bf16 *stochastically*: up with probability equal to
-    the fraction of the distance to the next bf16 value (uniform random bits added below the
-    bf16 mantissa, then truncated). The rounding is unbiased, ``E[round(x)] = x``, so an update
-    far below one ulp still moves the weight by its exact size on average. The moments need it
-    too: ``v <- 0.999 v + 0.001 g^2`` rounded to nearest can never decrease in bf16. Memory as
-    plain bf16 AdamW: weight, gradient and two moments in bf16, 8 bytes per parameter.
+    The weight and the second moment are rounded to bf16 *stochastically*: up with probability
+    equal to the fraction of the distance to the next bf16 value (uniform random bits added below
+    the bf16 mantissa, then truncated). The rounding is unbiased, ``E[round(x)] = x``, so an
+    update far below one bf16 step still moves the weight by its exact size on average. The
+    second moment needs it too: ``v <- 0.999 v + 0.001 g^2`` rounded to nearest can never
+    decrease (0.1% is below half a bf16 step), so v would become a running maximum. The first
+    moment moves by 10% of ``g - m`` per step, far above bf16 resolution unless ``m`` is already
+    within ~2% of ``g``, and is rounded to nearest (one random draw per element serves the other
+    two: random numbers are the expensive part on CPU). Memory as plain bf16 AdamW: weight,
+    gradient and both moments in bf16, 8 bytes per parameter.
 ``fp32_master``
     An fp32 copy of each weight (``state["master"]``) and fp32 moments receive the exact fp32
     AdamW update (identical to ``torch.optim.AdamW`` on fp32 weights given the same gradients);
@@ -63,8 +67,7 @@ def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_to_bf16 takes fp32 tensors, got {x.dtype}")
     noise = torch.randint(0, _MASK_16 + 1, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = noise.add_(x.contiguous().view(torch.int32)).bitwise_and_(~_MASK_16)
-    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+    return _add_noise_and_truncate(x, noise).to(torch.bfloat16)
 
 
 class AdamW(torch.optim.AdamW):
@@ -165,9 +168,15 @@ class AdamW(torch.optim.AdamW):
             pieces = [t[start:start + _CHUNK] for t in tensors]
             w, g, m, v = (t.float() for t in pieces)  # no copy for fp32 state: updated in place
             adam([w], [g], [m], [v], [], [state["step"].clone()], **kwargs)
-            _store(pieces[0], w, generator)
-            _store(pieces[2], m, generator)
-            _store(pieces[3], v, generator)
+            if generator is not None:
+                # one draw of 31 random bits per element: 16 for the weight, the next 15 for v
+                bits = torch.empty_like(w, dtype=torch.int32).random_(generator=generator)
+                _store(pieces[3], v, bits.bitwise_right_shift(16).bitwise_left_shift_(1))
+                _store(pieces[0], w, bits.bitwise_and_(_MASK_16))
+            else:
+                _store(pieces[0], w)
+                _store(pieces[3], v)
+            _store(pieces[2], m)  # to nearest: see the module docstring
             if mode == "fp32_master":  # the bf16 weight is the master's nearest value
                 _flat(_local(p))[start:start + _CHUNK].copy_(w)
         state["step"] += 1
@@ -201,14 +210,21 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1)
 
 
-def _store(dst: Tensor, src: Tensor, generator: torch.Generator | None) -> None:
-    """Write the fp32 result ``src`` into ``dst`` (a no-op when ``src`` is ``dst`` itself)."""
+def _store(dst: Tensor, src: Tensor, noise: Tensor | None = None) -> None:
+    """Write the fp32 result ``src`` into ``dst``: a no-op when ``src`` is ``dst`` itself (fp32
+    state updated in place); into bf16 stochastically with ``noise`` (int32, uniform random values
+    below 2^16, consumed), else rounded to nearest even."""
     if src.data_ptr() == dst.data_ptr() and src.dtype == dst.dtype:
         return
-    if generator is not None and dst.dtype == torch.bfloat16:
-        dst.copy_(stochastic_round_to_bf16(src, generator))
-    else:
-        dst.copy_(src)  # round to nearest even
+    if noise is not None and dst.dtype == torch.bfloat16:
+        src = _add_noise_and_truncate(src, noise)
+    dst.copy_(src)
+
+
+def _add_noise_and_truncate(x: Tensor, noise: Tensor) -> Tensor:
+    """fp32 ``x`` + ``noise`` in the low 16 bits of its encoding, those bits then cleared: a bf16
+    value in fp32 (converting it to bf16 is exact). Reuses ``noise``'s memory."""
+    return noise.add_(x.contiguous().view(torch.int32)).bitwise_and_(~_MASK_16).view(torch.float32)
 
 
 def _seed(*values: int) -> int:
